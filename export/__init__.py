@@ -1,0 +1,1 @@
+"""sdrt export: PyTorch models, the reference pipeline, and ONNX bundles (the torch side)."""

@@ -1,0 +1,190 @@
+"""Model sources: a local diffusers SD 1.x folder, or a seeded random-weight preset.
+
+No model hub is reachable, so presets stand in for real checkpoints in tests, demos and
+benchmarks: `tiny` (seconds) and `sd15` (the real SD 1.5 shapes). The same seed always gives
+bit-identical weights, so two processes build the same model without sharing files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from export.tokenizer_files import write_clip_tokenizer_files
+
+PRESETS = ("tiny", "sd15")
+DEFAULT_SEED = 0
+
+SD15_SCHEDULER: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+_CLIP_IDS = {"vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+
+_CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "clip": {**_CLIP_IDS, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "projection_dim": 64},
+        "unet": {"sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 1,
+                 "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+                 "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+                 "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 32},
+        "vae": {"sample_size": 128, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1,
+                "latent_channels": 4, "norm_num_groups": 32,
+                "down_block_types": ("DownEncoderBlock2D",) * 4,
+                "up_block_types": ("UpDecoderBlock2D",) * 4},
+    },
+    "sd15": {
+        "clip": {**_CLIP_IDS, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                 "num_attention_heads": 12, "projection_dim": 768},
+        "unet": {"sample_size": 64, "cross_attention_dim": 768},
+        "vae": {"sample_size": 512, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
+                "latent_channels": 4, "down_block_types": ("DownEncoderBlock2D",) * 4,
+                "up_block_types": ("UpDecoderBlock2D",) * 4},
+    },
+}
+
+
+@dataclass
+class SDComponents:
+    """Everything the reference pipeline and the exporter need, in eval mode, fp32."""
+
+    text_encoder: CLIPTextModel
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    tokenizer_dir: Path
+    scheduler_config: dict[str, Any]
+    # (projection_dim, hidden) like HF's text_projection.weight; SD folders do not carry it.
+    text_projection: torch.Tensor | None
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_encoder.config.hidden_size)
+
+    def tokenizer(self) -> CLIPTokenizer:
+        return CLIPTokenizer.from_pretrained(self.tokenizer_dir)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's global RNG for module init without disturbing the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _random_projection(dim: int, seed: int) -> torch.Tensor:
+    """A well-conditioned random projection (scaled orthogonal), so its inverse is exact."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
+    return (q * dim**-0.5 * 8.0).to(torch.float32)
+
+
+def build_preset(name: str, seed: int = DEFAULT_SEED, cache_dir: Path | None = None) -> SDComponents:
+    """A preset model with seeded random weights (identical for the same name and seed)."""
+    if name not in _CONFIGS:
+        raise ValueError(f"model preset must be one of {', '.join(PRESETS)}; got {name!r}")
+    cfg = _CONFIGS[name]
+    with _seeded(seed):
+        text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["clip"]))
+        unet = UNet2DConditionModel(**cfg["unet"])
+        vae = AutoencoderKL(**cfg["vae"])
+    tokenizer_dir = write_clip_tokenizer_files((cache_dir or _default_cache()) / "clip_tokenizer")
+    return SDComponents(
+        text_encoder=text_encoder.eval(),
+        unet=unet.eval(),
+        vae=vae.eval(),
+        tokenizer_dir=tokenizer_dir,
+        scheduler_config=dict(SD15_SCHEDULER),
+        text_projection=_random_projection(cfg["clip"]["hidden_size"], seed),
+        source={"kind": "preset", "preset": name, "seed": seed},
+    )
+
+
+def _default_cache() -> Path:
+    return Path.home() / ".cache" / "sdrt"
+
+
+def load_text_projection(path: Path) -> torch.Tensor:
+    """W_P from a CLIPTextModelWithProjection folder or a deprojector checkpoint (inv of its projection)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in (path / "model.safetensors", path / "pytorch_model.bin"):
+        if file.is_file():
+            tensors = (load_file(file) if file.suffix == ".safetensors"
+                       else torch.load(file, map_location="cpu", weights_only=True))
+            break
+    else:
+        raise FileNotFoundError(f"--projection {path}: no model.safetensors or pytorch_model.bin there")
+    if "text_projection.weight" in tensors:
+        return tensors["text_projection.weight"].float()
+    if "projection.weight" in tensors:  # deprojector checkpoints store inv(W_P)
+        return torch.linalg.inv(tensors["projection.weight"].double()).float()
+    raise KeyError(
+        f"--projection {path}: found neither 'text_projection.weight' (CLIPTextModelWithProjection) "
+        "nor 'projection.weight' (a deprojector checkpoint)"
+    )
+
+
+def load_diffusers_folder(path: Path, projection: Path | None = None) -> SDComponents:
+    """An SD 1.x diffusers folder (text_encoder, tokenizer, unet, vae, scheduler), offline."""
+    path = Path(path)
+    missing = [d for d in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if not (path / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{path} is not a diffusers SD 1.x folder: missing {', '.join(d + '/' for d in missing)}")
+    scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+    return SDComponents(
+        text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).eval(),
+        unet=UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True).eval(),
+        vae=AutoencoderKL.from_pretrained(path / "vae", local_files_only=True).eval(),
+        tokenizer_dir=path / "tokenizer",
+        scheduler_config=scheduler_config,
+        text_projection=load_text_projection(projection) if projection else None,
+        source={"kind": "diffusers_folder", "path": str(path.resolve()),
+                "projection": str(projection) if projection else None},
+    )
+
+
+def load_model(model: str, seed: int = DEFAULT_SEED, projection: Path | None = None) -> SDComponents:
+    """`tiny` / `sd15` preset, or a path to a local diffusers folder."""
+    if model in PRESETS:
+        components = build_preset(model, seed)
+        if projection is not None:
+            components.text_projection = load_text_projection(projection)
+        return components
+    if not Path(model).is_dir():
+        raise ValueError(f"--model must be one of {', '.join(PRESETS)} or a diffusers folder; got {model!r}")
+    return load_diffusers_folder(Path(model), projection)
+
+
+def save_diffusers_folder(components: SDComponents, path: Path) -> Path:
+    """Write components as a diffusers folder (tests use it to exercise the folder loader)."""
+    components.text_encoder.save_pretrained(path / "text_encoder")
+    components.unet.save_pretrained(path / "unet")
+    components.vae.save_pretrained(path / "vae")
+    components.tokenizer().save_pretrained(path / "tokenizer")
+    (path / "scheduler").mkdir(parents=True, exist_ok=True)
+    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config))
+    return path

@@ -1,0 +1,134 @@
+"""ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers when present.
+
+Sessions are created on first use (a pipeline that never deprojects never loads that model)
+and the optimised graph is cached beside the bundle, keyed by source hash, provider and ORT
+version, so the second start skips ORT's graph optimisation (10-20 s for the SD 1.5 UNet).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.backends.base import BackendError, check_feeds
+from runtime.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+DEVICES = tuple(_PROVIDERS)
+_EXTERNAL_DATA_THRESHOLD = 1024  # bytes; keeps > 2 GB optimised graphs saveable
+
+
+class OrtBackend:
+    def __init__(
+        self,
+        bundle: Bundle,
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int | None = None,
+        cache_optimized: bool = True,
+    ):
+        if device not in _PROVIDERS:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+        available = ort.get_available_providers()
+        if _PROVIDERS[device][0] not in available:
+            raise BackendError(
+                f"device {device!r} needs {_PROVIDERS[device][0]}, which this onnxruntime lacks "
+                f"(available: {', '.join(available)}); install onnxruntime-gpu or use device 'cpu'"
+            )
+        for entry in bundle.models.values():
+            entry.path(precision)  # fail now, not mid-generation, if a precision is missing
+        self.bundle, self.precision, self.device = bundle, precision, device
+        self.threads = threads
+        self.cache_optimized = cache_optimized
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
+
+    def _provider_options(self) -> list[tuple[str, dict[str, str]]]:
+        cache = str(self.bundle.root / ".trt_cache")
+        options: dict[str, dict[str, str]] = {
+            "TensorrtExecutionProvider": {
+                "trt_fp16_enable": "True" if self.precision == "fp16" else "False",
+                "trt_engine_cache_enable": "True",
+                "trt_engine_cache_path": cache,
+                "trt_timing_cache_enable": "True",
+                "trt_timing_cache_path": cache,
+            },
+        }
+        return [(p, options.get(p, {})) for p in _PROVIDERS[self.device]]
+
+    def _cache_path(self, model: str) -> Path:
+        sha = self.bundle.manifest["models"][model]["files"][self.precision]["sha256"][:16]
+        key = f"{model}.{self.precision}.{self.device}.ort{ort.__version__}.{sha}"
+        return self.bundle.root / ".ort_cache" / f"{key}.onnx"
+
+    def _create(self, model: str) -> ort.InferenceSession:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        source = self.bundle.models[model].path(self.precision)
+        cached = self._cache_path(model)
+        if self.cache_optimized and self.device == "cpu" and cached.is_file():
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            path = cached
+        else:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            path = source
+            if self.cache_optimized and self.device == "cpu":
+                # ORT writes the optimised graph while creating the session: give it a temp name
+                # and rename afterwards, so a crash never leaves a half-written cache entry.
+                cached.parent.mkdir(exist_ok=True)
+                opts.optimized_model_filepath = str(cached.with_suffix(".tmp"))
+                opts.add_session_config_entry(
+                    "session.optimized_model_external_initializers_file_name", cached.name + ".data"
+                )
+                opts.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes",
+                    str(_EXTERNAL_DATA_THRESHOLD),
+                )
+        try:
+            session = ort.InferenceSession(str(path), opts, providers=self._provider_options())
+        except Exception as exc:  # ORT raises its own untyped errors
+            raise BackendError(f"could not load {model} ({self.precision}) from {path}: {exc}") from exc
+        if opts.optimized_model_filepath and Path(opts.optimized_model_filepath).is_file():
+            os.replace(opts.optimized_model_filepath, cached)
+        log.debug("loaded %s from %s", model, path)
+        return session
+
+    def session(self, model: str) -> ort.InferenceSession:
+        if model not in self.bundle.models:
+            raise BackendError(f"bundle {self.bundle.root} has no {model} model")
+        with self._lock:
+            if model not in self._sessions:
+                self._sessions[model] = self._create(model)
+            return self._sessions[model]
+
+    def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        entry = self.bundle.models.get(model)
+        if entry is None:
+            raise BackendError(f"bundle {self.bundle.root} has no {model} model")
+        check_feeds(entry.spec, feeds)
+        session = self.session(model)
+        try:
+            outputs = session.run(entry.spec.output_names, feeds)
+        except Exception as exc:
+            shapes = {k: v.shape for k, v in feeds.items()}
+            raise BackendError(f"{model} failed on inputs {shapes}: {exc}") from exc
+        return dict(zip(entry.spec.output_names, outputs))
+
+    def close(self) -> None:
+        with self._lock:
+            self._sessions.clear()

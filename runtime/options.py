@@ -1,0 +1,90 @@
+"""What one generation asks for, validated once, before any model runs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from runtime.bundle import Bundle
+from runtime.schedulers import SCHEDULERS
+from runtime.tokenizer import LONG_PROMPT_MODES
+
+MODES = ("standard", "deproject", "compose")
+COMPOSE_MODES = ("sum", "diff_only")
+DEFAULT_SEED = 0
+MAX_STEPS = 1000
+MAX_IMAGES = 64
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...] = ()  # empty: "" for every prompt; one: shared; else one per prompt
+    steps: int = 25
+    guidance: float = 7.5
+    seed: int = DEFAULT_SEED
+    height: int | None = None  # None: the bundle's preferred size
+    width: int | None = None
+    scheduler: str = "pndm"
+    mode: str = "standard"
+    compose_mode: str = "sum"
+    normalize: bool = False
+    num_images: int = 1  # per prompt
+    long_prompt: str = "truncate"
+    latents: np.ndarray | None = field(default=None, compare=False)  # (N, 4, h, w) initial noise
+
+    @property
+    def total_images(self) -> int:
+        return len(self.prompts) * self.num_images
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def validate(options: GenerateOptions, bundle: Bundle) -> GenerateOptions:
+    """Check every field against the bundle; return the options with sizes filled in."""
+    o = options
+    if not o.prompts or not all(isinstance(p, str) for p in o.prompts):
+        raise ValueError("prompts must be a non-empty list of strings")
+    if len(o.negative_prompts) not in (0, 1, len(o.prompts)):
+        raise ValueError(
+            f"negative_prompts must have 0, 1 or {len(o.prompts)} entries (one per prompt); "
+            f"got {len(o.negative_prompts)}"
+        )
+    if isinstance(o.steps, bool) or not isinstance(o.steps, int) or not 1 <= o.steps <= MAX_STEPS:
+        raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}; got {o.steps!r}")
+    if not isinstance(o.guidance, (int, float)) or not math.isfinite(o.guidance) or o.guidance < 0:
+        raise ValueError(f"guidance must be a finite number >= 0; got {o.guidance!r}")
+    if isinstance(o.seed, bool) or not isinstance(o.seed, int) or not 0 <= o.seed < 2**63:
+        raise ValueError(f"seed must be an integer from 0 to 2**63-1; got {o.seed!r}")
+    if not isinstance(o.num_images, int) or not 1 <= o.num_images or o.total_images > MAX_IMAGES:
+        raise ValueError(
+            f"num_images must be >= 1 with prompts x num_images <= {MAX_IMAGES}; "
+            f"got {o.num_images!r} x {len(o.prompts)} prompts"
+        )
+    _choice("scheduler", o.scheduler, SCHEDULERS)
+    _choice("mode", o.mode, MODES)
+    _choice("compose_mode", o.compose_mode, COMPOSE_MODES)
+    _choice("long_prompt", o.long_prompt, LONG_PROMPT_MODES)
+    if o.mode != "standard" and not bundle.has_deprojector:
+        raise ValueError(f"mode {o.mode!r} needs a bundle with a deprojector; {bundle.root} has none")
+    if o.mode != "standard" and o.long_prompt == "chunk":
+        raise ValueError("long_prompt 'chunk' works with mode 'standard' only (the deprojector makes 77 states)")
+    h_range, w_range = bundle.image_size_range()
+    height = o.height if o.height is not None else h_range.opt
+    width = o.width if o.width is not None else w_range.opt
+    factor = bundle.vae_scale_factor
+    for name, value, r in (("height", height, h_range), ("width", width, w_range)):
+        if not isinstance(value, int) or value % factor or not r.min <= value <= r.max:
+            raise ValueError(
+                f"{name} must be a multiple of {factor} from {r.min} to {r.max}; got {value!r}"
+            )
+    if o.latents is not None:
+        expected = (o.total_images, bundle.manifest["latent_channels"], height // factor, width // factor)
+        if o.latents.shape != expected or not np.all(np.isfinite(o.latents)):
+            raise ValueError(f"latents must be finite with shape {expected}; got {o.latents.shape}")
+    return replace(o, height=height, width=width)

@@ -1,0 +1,107 @@
+"""Wire the stages in data-flow order: prompt -> tokens -> CLIP -> (compose -> deproject)
+-> UNet loop with CFG -> VAE -> images. No torch; the backend does the model math."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from runtime import guidance as cfg
+from runtime.backends import Backend, open_backend
+from runtime.bundle import Bundle
+from runtime.conditioning import prompt_states
+from runtime.denoise import denoise
+from runtime.options import GenerateOptions, validate
+from runtime.schedulers import make_scheduler
+from runtime.tokenizer import ClipTokenizer
+from runtime.vae import decode
+
+StepCallback = Callable[[int, float, np.ndarray], None]
+
+
+class Cancelled(RuntimeError):
+    """The cancel hook asked the generation to stop; nothing was decoded."""
+
+
+@dataclass
+class Result:
+    images: np.ndarray  # (N, H, W, 3) uint8, prompt-major: prompt p's images are rows p*n .. p*n+n-1
+    seeds: list[int]  # per image: seed + index, so image i alone reproduces with that seed
+    options: GenerateOptions
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class Pipeline:
+    """One loaded bundle and backend. Thread-safe for concurrent `generate` calls if the backend is."""
+
+    def __init__(self, bundle: Bundle | str | Path, backend: Backend | str = "onnxruntime", **backend_options: object):
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
+        self.backend = backend if not isinstance(backend, str) else open_backend(backend, self.bundle, **backend_options)
+        t = self.bundle.manifest["tokenizer"]
+        self.tokenizer = ClipTokenizer(self.bundle.tokenizer_dir, t["bos_id"], t["eos_id"], t["pad_id"])
+
+    def _initial_latents(self, o: GenerateOptions, rngs: list[np.random.Generator]) -> np.ndarray:
+        if o.latents is not None:
+            return o.latents.astype(np.float32)
+        f = self.bundle.vae_scale_factor
+        shape = (self.bundle.manifest["latent_channels"], o.height // f, o.width // f)  # type: ignore[operator]
+        return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
+
+    def generate(
+        self, options: GenerateOptions, on_step: StepCallback | None = None, cancel: Callable[[], bool] | None = None
+    ) -> Result:
+        o = validate(options, self.bundle)
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        uncond, cond = prompt_states(self.backend, self.tokenizer, o)  # (P, 77·k, D) each
+        uncond, cond = (np.repeat(s, o.num_images, axis=0) for s in (uncond, cond))  # (N, 77·k, D)
+        timings["text"] = time.perf_counter() - start
+
+        seeds = [o.seed + i for i in range(o.total_images)]
+        rngs = [np.random.default_rng(s) for s in seeds]
+        latents = self._initial_latents(o, rngs)  # (N, 4, h, w)
+        per_call = max(1, self.bundle.models["unet"].dims["batch"].max // (2 if cfg.uses_uncond(o.guidance) else 1))
+
+        start = time.perf_counter()
+        finished = []
+        for first in range(0, o.total_images, per_call):
+            rows = slice(first, first + per_call)
+            finished.append(self._denoise(o, latents[rows], uncond[rows], cond[rows], rngs[rows], on_step, cancel))
+        timings["denoise"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        images = decode(self.backend, np.concatenate(finished))
+        timings["decode"] = time.perf_counter() - start
+        return Result(images, seeds, o, timings)
+
+    def _denoise(
+        self,
+        o: GenerateOptions,
+        latents: np.ndarray,
+        uncond: np.ndarray,
+        cond: np.ndarray,
+        rngs: list[np.random.Generator],
+        on_step: StepCallback | None,
+        cancel: Callable[[], bool] | None,
+    ) -> np.ndarray:
+        scheduler = make_scheduler(o.scheduler, self.bundle.scheduler_config)
+        timesteps = scheduler.set_timesteps(o.steps)
+        states = np.concatenate([uncond, cond]) if cfg.uses_uncond(o.guidance) else cond
+
+        def noise() -> np.ndarray:
+            return np.stack([rng.standard_normal(latents.shape[1:], dtype=np.float32) for rng in rngs])
+
+        x = latents * np.float32(scheduler.init_noise_sigma)
+        for i, t, x in denoise(self.backend, scheduler, timesteps, x, states, o.guidance, noise):
+            if on_step is not None:
+                on_step(i, t, x)
+            if cancel is not None and cancel():
+                raise Cancelled(f"cancelled after step {i + 1} of {o.steps}")
+        return x
+
+    def close(self) -> None:
+        self.backend.close()

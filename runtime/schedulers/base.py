@@ -1,0 +1,192 @@
+"""Noise-schedule tables, the scheduler config and the `Scheduler` interface.
+
+Every sampler here reproduces what `DiffusersClass.from_config(sd_scheduler_config)` does, so the
+UNet sees the same timesteps as under diffusers and the latents agree to float32 round-off.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float64]
+IntArray = npt.NDArray[np.int64]
+
+BETA_SCHEDULES = ("linear", "scaled_linear")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+PREDICTION_TYPES = ("epsilon",)
+
+# diffusers keys that change the math when set to anything but the value SD 1.x uses. Rejecting
+# them beats silently diverging from diffusers; other unknown keys (`_class_name`,
+# `skip_prk_steps`, `use_karras_sigmas`, ...) are ignored: the registry name picks the sampler.
+_REQUIRED_IF_PRESENT: dict[str, Any] = {
+    "trained_betas": None,
+    "clip_sample": False,
+    "thresholding": False,
+    "rescale_betas_zero_snr": False,
+    "interpolation_type": "linear",
+    "final_sigmas_type": "zero",
+    "timestep_type": "discrete",
+    "use_exponential_sigmas": False,
+    "use_beta_sigmas": False,
+    "use_lu_lambdas": False,
+    "sigma_min": None,
+    "sigma_max": None,
+    "lambda_min_clipped": -math.inf,
+    "euler_at_final": False,
+}
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """The subset of a diffusers `scheduler_config.json` these samplers use.
+
+    `None` means "the diffusers default of the sampler's class" (it differs: DDIM/PNDM default
+    to "leading" spacing, Euler/DPM to "linspace"; DDIM sets alpha to one, PNDM does not), which
+    matters for old SD configs that lack `timestep_spacing`.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    steps_offset: int = 0
+    timestep_spacing: str | None = None
+    set_alpha_to_one: bool | None = None
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type {self.prediction_type!r} is not supported; allowed: {PREDICTION_TYPES}"
+            )
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported; allowed: {BETA_SCHEDULES}")
+        if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(
+                f"timestep_spacing {self.timestep_spacing!r} is not supported; allowed: {TIMESTEP_SPACINGS}"
+            )
+        if int(self.num_train_timesteps) < 2:
+            raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SchedulerConfig:
+        """Build from a diffusers config dict; unknown keys are ignored, harmful ones rejected."""
+        for key, required in _REQUIRED_IF_PRESENT.items():
+            if key in d and d[key] != required:
+                raise ValueError(f"{key}={d[key]!r} is not supported (only {required!r})")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def betas(config: SchedulerConfig) -> FloatArray:
+    """beta_1..beta_T, rounded to float32 as diffusers' torch tables are."""
+    n = config.num_train_timesteps
+    if config.beta_schedule == "linear":
+        b = np.linspace(config.beta_start, config.beta_end, n).astype(np.float32)
+    else:  # scaled_linear: linear in sqrt(beta), the LDM schedule
+        root = np.linspace(config.beta_start**0.5, config.beta_end**0.5, n).astype(np.float32)
+        b = root * root
+    return b.astype(np.float64)
+
+
+def alphas_cumprod(config: SchedulerConfig) -> FloatArray:
+    """alpha_bar_t = prod(1 - beta_s), float64 accumulated then float32-rounded like torch.cumprod.
+
+    Kept at float32 values on purpose: Karras timesteps are read off this table and rounded to
+    integers, and a float64 table flips some of those roundings against diffusers.
+    """
+    alphas = (np.float32(1.0) - betas(config).astype(np.float32)).astype(np.float64)
+    return np.cumprod(alphas).astype(np.float32).astype(np.float64)
+
+
+def sigma_table(alphas_cumprod_: FloatArray) -> FloatArray:
+    """Karras/VE sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t) for t = 0..T-1, float32-rounded."""
+    ac = alphas_cumprod_.astype(np.float32)
+    return np.sqrt((np.float32(1.0) - ac) / ac).astype(np.float64)
+
+
+def discrete_timesteps(num_inference_steps: int, config: SchedulerConfig, spacing: str) -> IntArray:
+    """Descending integer timesteps of DDIM/PNDM ("Common Diffusion Noise Schedules", Table 2)."""
+    n, total = num_inference_steps, config.num_train_timesteps
+    if spacing == "linspace":
+        t = np.linspace(0, total - 1, n).round()[::-1]
+    elif spacing == "leading":
+        t = (np.arange(0, n) * (total // n)).round()[::-1] + config.steps_offset
+    else:  # trailing
+        t = np.round(np.arange(total, 0, -total / n)) - 1
+    return np.ascontiguousarray(t).astype(np.int64)
+
+
+class Scheduler(ABC):
+    """A sampler: `set_timesteps` once, then per step `scale_model_input` -> UNet -> `step`.
+
+    The caller passes `step_index` (0..len(timesteps)-1); there is no hidden step counter.
+    Multistep samplers keep their model-output history on the instance, cleared by
+    `set_timesteps` and at `step_index == 0`, so they must be stepped in order.
+    """
+
+    name: ClassVar[str]
+    default_spacing: ClassVar[str] = "leading"
+
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.spacing: str = config.timestep_spacing or self.default_spacing
+        self.alphas_cumprod: FloatArray = alphas_cumprod(config)
+        self.init_noise_sigma: float = 1.0
+        self.timesteps: np.ndarray = np.zeros(0, dtype=np.int64)
+
+    @abstractmethod
+    def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
+        """Plan the schedule; returns the timesteps the UNet sees, in order."""
+
+    def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
+        """Identity for alpha-space samplers (DDIM, PNDM, DPM-Solver)."""
+        self._check_index(step_index)
+        return sample
+
+    @abstractmethod
+    def step(
+        self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
+    ) -> np.ndarray:
+        """One denoising step: x_t -> x_{t-1} given the UNet's epsilon; returns prev_sample."""
+
+    def _check_steps(self, num_inference_steps: int) -> int:
+        n = num_inference_steps
+        total = self.config.num_train_timesteps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= total:
+            raise ValueError(f"num_inference_steps must be an int in [1, {total}], got {n!r}")
+        return int(n)
+
+    def _check_index(self, step_index: int) -> None:
+        if not 0 <= step_index < len(self.timesteps):
+            raise IndexError(
+                f"step_index {step_index} is outside [0, {len(self.timesteps)}); call set_timesteps first"
+            )
+
+
+class MultistepState:
+    """Guard for samplers with a history: steps must come in order 0, 1, 2, ..."""
+
+    def __init__(self) -> None:
+        self.last_index = -1
+
+    def advance(self, step_index: int) -> bool:
+        """Record `step_index`; returns True when the history must be cleared (a new run)."""
+        if step_index != 0 and step_index != self.last_index + 1:
+            raise ValueError(
+                f"step_index {step_index} out of order (last was {self.last_index}); "
+                "multistep samplers must be stepped 0, 1, 2, ..."
+            )
+        self.last_index = step_index
+        return step_index == 0
+
+
+def to_f64(x: np.ndarray) -> FloatArray:
+    return np.asarray(x, dtype=np.float64)

@@ -1,0 +1,83 @@
+"""I/O contracts of the four bundle models, declared once.
+
+ONNX export, TensorRT profiles and backend input checks all read these, so a name or dtype
+can only change in one place. Symbolic dims are strings; `TOKENS` is 77·k for long prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CONTEXT_LENGTH = 77
+LATENT_CHANNELS = 4
+VAE_SCALE_FACTOR = 8
+VAE_SCALING = 0.18215
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[int | str, ...]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx-style dynamic axes: every symbolic dim of every tensor."""
+        axes: dict[str, dict[int, str]] = {}
+        for t in (*self.inputs, *self.outputs):
+            named = {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            if named:
+                axes[t.name] = named
+        return axes
+
+
+def clip_spec(hidden: int, projection: int | None) -> ModelSpec:
+    outputs = [
+        TensorSpec("last_hidden_state", "float32", ("batch", "tokens", hidden)),
+        TensorSpec("pooled", "float32", ("batch", hidden)),
+    ]
+    if projection is not None:
+        outputs.append(TensorSpec("text_embeds", "float32", ("batch", projection)))
+    return ModelSpec("clip", (TensorSpec("input_ids", "int32", ("batch", "tokens")),), tuple(outputs))
+
+
+def deprojector_spec(hidden: int) -> ModelSpec:
+    return ModelSpec(
+        "deprojector",
+        (TensorSpec("pooled", "float32", ("batch", hidden)),),
+        (TensorSpec("hidden_states", "float32", ("batch", CONTEXT_LENGTH, hidden)),),
+    )
+
+
+def unet_spec(hidden: int) -> ModelSpec:
+    return ModelSpec(
+        "unet",
+        (
+            TensorSpec("sample", "float32", ("batch", LATENT_CHANNELS, "height", "width")),
+            TensorSpec("timestep", "float32", (1,)),
+            TensorSpec("encoder_hidden_states", "float32", ("batch", "tokens", hidden)),
+        ),
+        (TensorSpec("noise_pred", "float32", ("batch", LATENT_CHANNELS, "height", "width")),),
+    )
+
+
+def vae_decoder_spec() -> ModelSpec:
+    return ModelSpec(
+        "vae_decoder",
+        (TensorSpec("latent", "float32", ("batch", LATENT_CHANNELS, "height", "width")),),
+        (TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width")),),
+    )

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv at the repo root with everything export, runtime and tests need.
+# torch is installed first and pinned: the CPU build lies on this machine's disk, and letting
+# another package pull "torch" would download a multi-GB CUDA build instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+pip install torch==2.13.0
+pip install -e ".[export,test]"
+# The real CLIP BPE merges ship in this wheel; --no-deps because we only read one data file
+# from it (its dependencies would drag in torchvision).
+pip install --no-deps open-clip-torch==3.3.0
+.venv/bin/python -c "import torch, diffusers, onnxruntime, tokenizers" \
+  || { echo "bootstrap: the environment is incomplete (see pip output above)" >&2; exit 1; }

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up .venv and run lint, type checks and the test suite (tiny preset; slow/gpu tests deselected).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+.venv/bin/ruff check export engines runtime scripts tests
+.venv/bin/mypy runtime export engines
+status=0
+.venv/bin/python -m pytest -q "$@" || status=$?
+# pytest exits 5 when nothing was collected: that is a failure for us, not a pass.
+[ "$status" -eq 5 ] && echo "no tests were collected" >&2
+exit "$status"
