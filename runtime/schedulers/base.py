@@ -24,10 +24,10 @@ PREDICTION_TYPES = ("epsilon",)
 
 # diffusers keys that change the math when set to anything but the value SD 1.x uses. Rejecting
 # them beats silently diverging from diffusers; other unknown keys (`_class_name`,
-# `skip_prk_steps`, `use_karras_sigmas`, ...) are ignored: the registry name picks the sampler.
+# `use_karras_sigmas`, `solver_order`, ...) are ignored: the registry name picks the sampler.
 _REQUIRED_IF_PRESENT: dict[str, Any] = {
     "trained_betas": None,
-    "clip_sample": False,
+    "skip_prk_steps": True,  # PNDM is PLMS only; without the key it is PLMS too (unlike diffusers)
     "thresholding": False,
     "rescale_betas_zero_snr": False,
     "interpolation_type": "linear",
@@ -48,8 +48,8 @@ class SchedulerConfig:
     """The subset of a diffusers `scheduler_config.json` these samplers use.
 
     `None` means "the diffusers default of the sampler's class" (it differs: DDIM/PNDM default
-    to "leading" spacing, Euler/DPM to "linspace"; DDIM sets alpha to one, PNDM does not), which
-    matters for old SD configs that lack `timestep_spacing`.
+    to "leading" spacing, Euler/DPM to "linspace"; DDIM sets alpha to one and clips x_0, PNDM
+    does neither), which matters for old SD configs that lack `timestep_spacing`.
     """
 
     num_train_timesteps: int = 1000
@@ -59,6 +59,8 @@ class SchedulerConfig:
     steps_offset: int = 0
     timestep_spacing: str | None = None
     set_alpha_to_one: bool | None = None
+    clip_sample: bool | None = None  # DDIM only; diffusers' DDIM clips x_0 unless told not to
+    clip_sample_range: float = 1.0
     prediction_type: str = "epsilon"
 
     def __post_init__(self) -> None:
@@ -67,7 +69,9 @@ class SchedulerConfig:
                 f"prediction_type {self.prediction_type!r} is not supported; allowed: {PREDICTION_TYPES}"
             )
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule {self.beta_schedule!r} is not supported; allowed: {BETA_SCHEDULES}")
+            raise ValueError(
+                f"beta_schedule {self.beta_schedule!r} is not supported; allowed: {BETA_SCHEDULES}"
+            )
         if self.timestep_spacing is not None and self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(
                 f"timestep_spacing {self.timestep_spacing!r} is not supported; allowed: {TIMESTEP_SPACINGS}"
@@ -85,13 +89,23 @@ class SchedulerConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _linspace_f32(start: float, end: float, n: int) -> npt.NDArray[np.float32]:
+    """float32 linspace as torch's CPU kernel computes it (fused start + i * step, the second
+    half from the end), so the tables below are bit-identical to diffusers' torch tables."""
+    s, e = np.float32(start), np.float32(end)
+    step = np.float64((e - s) / np.float32(n - 1))
+    i = np.arange(n)
+    fused = np.where(i < n // 2, np.float64(s) + step * i, np.float64(e) - step * (n - 1 - i))
+    return fused.astype(np.float32)
+
+
 def betas(config: SchedulerConfig) -> FloatArray:
-    """beta_1..beta_T, rounded to float32 as diffusers' torch tables are."""
+    """beta_1..beta_T with diffusers' float32 roundings."""
     n = config.num_train_timesteps
     if config.beta_schedule == "linear":
-        b = np.linspace(config.beta_start, config.beta_end, n).astype(np.float32)
+        b = _linspace_f32(config.beta_start, config.beta_end, n)
     else:  # scaled_linear: linear in sqrt(beta), the LDM schedule
-        root = np.linspace(config.beta_start**0.5, config.beta_end**0.5, n).astype(np.float32)
+        root = _linspace_f32(config.beta_start**0.5, config.beta_end**0.5, n)
         b = root * root
     return b.astype(np.float64)
 
@@ -116,7 +130,7 @@ def discrete_timesteps(num_inference_steps: int, config: SchedulerConfig, spacin
     """Descending integer timesteps of DDIM/PNDM ("Common Diffusion Noise Schedules", Table 2)."""
     n, total = num_inference_steps, config.num_train_timesteps
     if spacing == "linspace":
-        t = np.linspace(0, total - 1, n).round()[::-1]
+        t: np.ndarray = np.linspace(0, total - 1, n).round()[::-1]
     elif spacing == "leading":
         t = (np.arange(0, n) * (total // n)).round()[::-1] + config.steps_offset
     else:  # trailing

@@ -8,7 +8,7 @@ from .base import Scheduler, SchedulerConfig, discrete_timesteps, to_f64
 
 
 class DDIMScheduler(Scheduler):
-    """Matches diffusers `DDIMScheduler` (eta = 0, no clipping, epsilon prediction)."""
+    """Matches diffusers `DDIMScheduler` (eta = 0, epsilon prediction)."""
 
     name = "ddim"
     default_spacing = "leading"
@@ -18,6 +18,8 @@ class DDIMScheduler(Scheduler):
         # Past the last step there is no alpha_bar; SD configs reuse alpha_bar_0 instead of 1.
         to_one = True if config.set_alpha_to_one is None else config.set_alpha_to_one
         self.final_alpha_cumprod = 1.0 if to_one else float(self.alphas_cumprod[0])
+        # SD configs say clip_sample=false; a config without the key gets diffusers' default (clip).
+        self.clip_range = None if config.clip_sample is False else config.clip_sample_range
         self._step_ratio = 0
 
     def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
@@ -41,6 +43,8 @@ class DDIMScheduler(Scheduler):
         beta_prod_t = 1.0 - alpha_prod_t
         # 3. predicted x_0 (eq. 12, "predicted x_0").
         pred_original_sample = (x_t - np.sqrt(beta_prod_t) * eps) / np.sqrt(alpha_prod_t)
+        if self.clip_range is not None:
+            pred_original_sample = np.clip(pred_original_sample, -self.clip_range, self.clip_range)
         # 4. direction pointing to x_t (eq. 12, sigma_t = 0).
         pred_sample_direction = np.sqrt(1.0 - alpha_prod_t_prev) * eps
         # 5. x_{t-1} = sqrt(alpha_prod_t_prev) * x_0 + direction.

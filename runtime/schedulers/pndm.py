@@ -1,7 +1,7 @@
 """PNDM's PLMS sampler (Liu et al., 2022), as SD runs it (diffusers `skip_prk_steps=True`).
 
 A 4th-order linear multistep on epsilon; the Runge-Kutta warm-up is replaced by a repeated
-second timestep, so `set_timesteps(n)` returns n + 1 timesteps (n >= 2).
+second timestep, so `set_timesteps(n)` returns n + 1 timesteps (1 for n = 1).
 """
 
 from __future__ import annotations

@@ -1,0 +1,37 @@
+"""numpy samplers for SD 1.x, each a drop-in twin of a diffusers scheduler built with
+`from_config(sd_scheduler_config)`. Pick one by name with `make_scheduler`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .base import Scheduler, SchedulerConfig
+from .ddim import DDIMScheduler
+from .dpmpp_2m import DPMSolverPP2MKarrasScheduler, DPMSolverPP2MScheduler
+from .euler import EulerDiscreteScheduler
+from .euler_ancestral import EulerAncestralDiscreteScheduler
+from .pndm import PNDMScheduler
+
+_REGISTRY: dict[str, type[Scheduler]] = {
+    cls.name: cls
+    for cls in (
+        DDIMScheduler,
+        PNDMScheduler,
+        EulerDiscreteScheduler,
+        EulerAncestralDiscreteScheduler,
+        DPMSolverPP2MScheduler,
+        DPMSolverPP2MKarrasScheduler,
+    )
+}
+SCHEDULERS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
+    """Build sampler `name` from a diffusers scheduler_config dict (e.g. SD's PNDM config)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"scheduler name {name!r} is unknown; allowed names: {', '.join(SCHEDULERS)}")
+    return _REGISTRY[name](SchedulerConfig.from_dict(config))
+
+
+__all__ = ["SCHEDULERS", "Scheduler", "SchedulerConfig", "make_scheduler"]
