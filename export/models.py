@@ -141,7 +141,10 @@ def load_text_projection(path: Path) -> torch.Tensor:
     if "text_projection.weight" in tensors:
         return tensors["text_projection.weight"].float()
     if "projection.weight" in tensors:  # deprojector checkpoints store inv(W_P)
-        return torch.linalg.inv(tensors["projection.weight"].double()).float()
+        inverse = tensors["projection.weight"].double()
+        if not torch.isfinite(inverse).all():
+            raise ValueError(f"--projection {path}: this deprojector was built without a text_projection")
+        return torch.linalg.inv(inverse).float()
     raise KeyError(
         f"--projection {path}: found neither 'text_projection.weight' (CLIPTextModelWithProjection) "
         "nor 'projection.weight' (a deprojector checkpoint)"

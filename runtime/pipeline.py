@@ -96,7 +96,8 @@ class Pipeline:
             return np.stack([rng.standard_normal(latents.shape[1:], dtype=np.float32) for rng in rngs])
 
         x = latents * np.float32(scheduler.init_noise_sigma)
-        for i, t, x in denoise(self.backend, scheduler, timesteps, x, states, o.guidance, noise):
+        steps = denoise(self.backend, scheduler, timesteps, x, states, o.guidance, noise if scheduler.stochastic else None)
+        for i, t, x in steps:
             if on_step is not None:
                 on_step(i, t, x)
             if cancel is not None and cancel():

@@ -119,6 +119,9 @@ class Affine(nn.Module):
     Used where a BatchNorm cannot be merged into a Linear (a residual sits in between).
     """
 
+    scale: Tensor
+    shift: Tensor
+
     def __init__(self, scale: Tensor, shift: Tensor) -> None:
         super().__init__()
         self.register_buffer("scale", scale.detach().clone())

@@ -148,6 +148,7 @@ class Scheduler(ABC):
 
     name: ClassVar[str]
     default_spacing: ClassVar[str] = "leading"
+    stochastic: ClassVar[bool] = False  # True: `step` needs fresh standard-normal `noise`
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config

@@ -13,6 +13,7 @@ class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     """Matches diffusers `EulerAncestralDiscreteScheduler`; the caller supplies the noise."""
 
     name = "euler_a"
+    stochastic = True
 
     def step(
         self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None
