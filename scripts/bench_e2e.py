@@ -1,0 +1,242 @@
+"""End-to-end latency: the runtime vs diffusers (fp32, bf16) on the same weights and workload.
+
+Each engine runs in its own process, one after another, so peak RSS and time to first image are
+its own. Prints a table and writes JSON. The runtime worker also measures its own overhead:
+the wall time of each denoising step outside the UNet backend call, as a share of the step.
+
+    python scripts/bench_e2e.py --bundle bundles/sd15 --size 256x256 --steps 10 --repeats 3
+
+Optimum's ORTStableDiffusionPipeline pins transformers<4.58, so it can only run from its own
+virtualenv: pass --optimum-python PATH and --optimum-model DIR (an `optimum-cli export onnx`
+folder of the same weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ENGINES = ("runtime", "diffusers_fp32", "diffusers_bf16")
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _summary(latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+    return {"median_s": statistics.median(ordered), "p95_s": float(np.percentile(ordered, 95))}
+
+
+def _timed_runs(first: Any, repeats: int, run: Any) -> dict[str, Any]:
+    """first() -> seconds from process start to the first image; then `repeats` timed run() calls."""
+    ttfi = first()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    latencies = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        latencies.append(time.perf_counter() - start)
+    cpu_ratio = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
+    return {**_summary(latencies), "latencies_s": latencies, "time_to_first_image_s": ttfi,
+            "cpu_per_wall": cpu_ratio, "peak_rss_gib": _peak_rss_gib()}
+
+
+def worker_runtime(args: argparse.Namespace, t0: float) -> dict[str, Any]:
+    from runtime.backends import open_backend
+    from runtime.bundle import Bundle
+    from runtime.options import GenerateOptions
+    from runtime.pipeline import Pipeline
+
+    class TimedBackend:
+        """Counts the time spent inside backend calls, per model."""
+
+        def __init__(self, inner: Any):
+            self.inner, self.device, self.seconds = inner, inner.device, {}
+
+        def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            start = time.perf_counter()
+            out = self.inner.run(model, feeds)
+            self.seconds[model] = self.seconds.get(model, 0.0) + time.perf_counter() - start
+            return out
+
+        def close(self) -> None:
+            self.inner.close()
+
+    bundle = Bundle.open(args.bundle)
+    backend = TimedBackend(open_backend("onnxruntime", bundle, precision=args.precision, threads=args.threads))
+    pipe = Pipeline(bundle, backend)
+    width, height = args.size
+    options = GenerateOptions(prompts=(args.prompt,), steps=args.steps, guidance=args.guidance, seed=0,
+                              height=height, width=width, scheduler="ddim")
+    overheads: list[float] = []
+
+    def run() -> None:
+        marks = [time.perf_counter()]
+        unet_at_marks = [backend.seconds.get("unet", 0.0)]
+
+        def on_step(i: int, t: float, x: np.ndarray) -> None:
+            marks.append(time.perf_counter())
+            unet_at_marks.append(backend.seconds.get("unet", 0.0))
+
+        pipe.generate(options, on_step=on_step)
+        # step k spans marks[k]..marks[k+1]; the first starts after the text stage, so skip it
+        for k in range(1, len(marks) - 1):
+            wall = marks[k + 1] - marks[k]
+            overheads.append((wall - (unet_at_marks[k + 1] - unet_at_marks[k])) / wall)
+
+    def first() -> float:
+        run()
+        return time.perf_counter() - t0
+
+    result = _timed_runs(first, args.repeats, run)
+    result["step_overhead_share"] = {"median": statistics.median(overheads), "max": max(overheads)}
+    return result
+
+
+def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> dict[str, Any]:
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from export.models import load_model
+    from runtime.bundle import Bundle
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    source = Bundle.open(args.bundle).manifest["source"]
+    model = source["preset"] if source["kind"] == "preset" else source["path"]
+    c = load_model(model, seed=source.get("seed", 0))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    pipe = StableDiffusionPipeline(
+        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer(), unet=c.unet,
+        scheduler=DDIMScheduler.from_config(c.scheduler_config), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    ).to(dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    width, height = args.size
+
+    @torch.inference_mode()
+    def run() -> None:
+        pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=height,
+             width=width, generator=torch.Generator().manual_seed(0), output_type="np")
+
+    def first() -> float:
+        run()
+        return time.perf_counter() - t0
+
+    return _timed_runs(first, args.repeats, run)
+
+
+OPTIMUM_WORKER = """
+import json, resource, statistics, sys, time
+t0 = time.perf_counter()
+from optimum.onnxruntime import ORTStableDiffusionPipeline
+from diffusers import DDIMScheduler
+a = json.loads(sys.argv[1])
+pipe = ORTStableDiffusionPipeline.from_pretrained(a["model"])
+pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+run = lambda: pipe(a["prompt"], num_inference_steps=a["steps"], guidance_scale=a["guidance"],
+                   height=a["height"], width=a["width"], output_type="np")
+run(); ttfi = time.perf_counter() - t0
+lat = []
+for _ in range(a["repeats"]):
+    s = time.perf_counter(); run(); lat.append(time.perf_counter() - s)
+print(json.dumps({"median_s": statistics.median(lat), "p95_s": sorted(lat)[-1], "latencies_s": lat,
+                  "time_to_first_image_s": ttfi, "cpu_per_wall": None,
+                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--size must look like 256x256; got {text!r}") from None
+    return w, h
+
+
+def _spawn(cmd: list[str]) -> dict[str, Any]:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--prompt", default="cat maid")
+    p.add_argument("--size", type=_size, default=(256, 256))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="runtime precision")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
+    p.add_argument("--optimum-python", type=Path, help="python of a venv with optimum[onnxruntime]")
+    p.add_argument("--optimum-model", type=Path, help="optimum-exported ONNX SD folder of the same weights")
+    p.add_argument("--json", type=Path, default=Path("out/bench_e2e.json"))
+    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.worker:
+        t0 = time.perf_counter()
+        result = (worker_runtime(args, t0) if args.worker == "runtime"
+                  else worker_diffusers(args, t0, args.worker.split("_")[1]))
+        print(json.dumps(result))
+        return 0
+
+    engines = args.engines.split(",")
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        p.error(f"--engines must be a comma list of {', '.join(ENGINES)}; unknown: {', '.join(unknown)}")
+    if not (args.bundle / "manifest.json").is_file():
+        p.error(f"--bundle {args.bundle} has no manifest.json (create it with python -m export)")
+    if bool(args.optimum_python) != bool(args.optimum_model):
+        p.error("--optimum-python and --optimum-model go together")
+    forwarded = [a for a in sys.argv[1:] if not a.startswith("--engines")]
+    results: dict[str, Any] = {}
+    for engine in engines:
+        print(f"running {engine} ...", file=sys.stderr, flush=True)
+        results[engine] = _spawn([sys.executable, __file__, *forwarded, "--worker", engine])
+    if args.optimum_python:
+        payload = json.dumps({"model": str(args.optimum_model), "prompt": args.prompt, "steps": args.steps,
+                              "guidance": args.guidance, "width": args.size[0], "height": args.size[1],
+                              "repeats": args.repeats})
+        results["optimum"] = _spawn([str(args.optimum_python), "-c", OPTIMUM_WORKER, payload])
+
+    ours = results.get("runtime", {}).get("median_s")
+    header = f"{'engine':16} {'median s':>9} {'p95 s':>8} {'first img s':>11} {'peak GiB':>9} {'cpu/wall':>8} {'vs ours':>8}"
+    print(header)
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:16} error: {r['error']}")
+            continue
+        ratio = f"{r['median_s'] / ours:7.2f}x" if ours else "-"
+        cpu = f"{r['cpu_per_wall']:8.2f}" if r.get("cpu_per_wall") is not None else f"{'-':>8}"
+        print(f"{name:16} {r['median_s']:9.2f} {r['p95_s']:8.2f} {r['time_to_first_image_s']:11.2f} "
+              f"{r['peak_rss_gib']:9.2f} {cpu} {ratio}")
+    if "runtime" in results and "step_overhead_share" in results["runtime"]:
+        share = results["runtime"]["step_overhead_share"]
+        print(f"runtime overhead outside the UNet call: median {share['median']:.3%}, max {share['max']:.3%} of a step")
+    workload = {"prompt": args.prompt, "size": list(args.size), "steps": args.steps, "guidance": args.guidance,
+                "scheduler": "ddim", "repeats": args.repeats, "bundle": str(args.bundle), "threads": args.threads}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"workload": workload, "results": results}, indent=2))
+    os.replace(tmp, args.json)
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
