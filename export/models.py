@@ -38,29 +38,63 @@ SD15_SCHEDULER: dict[str, Any] = {
     "trained_betas": None,
 }
 
-_CLIP_IDS = {"vocab_size": 49408, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-             "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407}
+_CLIP_IDS = {
+    "vocab_size": 49408,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
 
 _CONFIGS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {
-        "clip": {**_CLIP_IDS, "hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2,
-                 "num_attention_heads": 4, "projection_dim": 64},
-        "unet": {"sample_size": 16, "block_out_channels": (32, 64), "layers_per_block": 1,
-                 "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-                 "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-                 "cross_attention_dim": 64, "attention_head_dim": 8, "norm_num_groups": 32},
-        "vae": {"sample_size": 128, "block_out_channels": (32, 32, 64, 64), "layers_per_block": 1,
-                "latent_channels": 4, "norm_num_groups": 32,
-                "down_block_types": ("DownEncoderBlock2D",) * 4,
-                "up_block_types": ("UpDecoderBlock2D",) * 4},
+        "clip": {
+            **_CLIP_IDS,
+            "hidden_size": 64,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "projection_dim": 64,
+        },
+        "unet": {
+            "sample_size": 16,
+            "block_out_channels": (32, 64),
+            "layers_per_block": 1,
+            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+            "cross_attention_dim": 64,
+            "attention_head_dim": 8,
+            "norm_num_groups": 32,
+        },
+        "vae": {
+            "sample_size": 128,
+            "block_out_channels": (32, 32, 64, 64),
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 32,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+        },
     },
     "sd15": {
-        "clip": {**_CLIP_IDS, "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                 "num_attention_heads": 12, "projection_dim": 768},
+        "clip": {
+            **_CLIP_IDS,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "projection_dim": 768,
+        },
         "unet": {"sample_size": 64, "cross_attention_dim": 768},
-        "vae": {"sample_size": 512, "block_out_channels": (128, 256, 512, 512), "layers_per_block": 2,
-                "latent_channels": 4, "down_block_types": ("DownEncoderBlock2D",) * 4,
-                "up_block_types": ("UpDecoderBlock2D",) * 4},
+        "vae": {
+            "sample_size": 512,
+            "block_out_channels": (128, 256, 512, 512),
+            "layers_per_block": 2,
+            "latent_channels": 4,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+        },
     },
 }
 
@@ -133,8 +167,11 @@ def load_text_projection(path: Path) -> torch.Tensor:
     tensors: dict[str, torch.Tensor] = {}
     for file in (path / "model.safetensors", path / "pytorch_model.bin"):
         if file.is_file():
-            tensors = (load_file(file) if file.suffix == ".safetensors"
-                       else torch.load(file, map_location="cpu", weights_only=True))
+            tensors = (
+                load_file(file)
+                if file.suffix == ".safetensors"
+                else torch.load(file, map_location="cpu", weights_only=True)
+            )
             break
     else:
         raise FileNotFoundError(f"--projection {path}: no model.safetensors or pytorch_model.bin there")
@@ -154,9 +191,13 @@ def load_text_projection(path: Path) -> torch.Tensor:
 def load_diffusers_folder(path: Path, projection: Path | None = None) -> SDComponents:
     """An SD 1.x diffusers folder (text_encoder, tokenizer, unet, vae, scheduler), offline."""
     path = Path(path)
-    missing = [d for d in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if not (path / d).is_dir()]
+    missing = [
+        d for d in ("text_encoder", "tokenizer", "unet", "vae", "scheduler") if not (path / d).is_dir()
+    ]
     if missing:
-        raise FileNotFoundError(f"{path} is not a diffusers SD 1.x folder: missing {', '.join(d + '/' for d in missing)}")
+        raise FileNotFoundError(
+            f"{path} is not a diffusers SD 1.x folder: missing {', '.join(d + '/' for d in missing)}"
+        )
     scheduler_config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
     return SDComponents(
         text_encoder=CLIPTextModel.from_pretrained(path / "text_encoder", local_files_only=True).eval(),
@@ -165,8 +206,11 @@ def load_diffusers_folder(path: Path, projection: Path | None = None) -> SDCompo
         tokenizer_dir=path / "tokenizer",
         scheduler_config=scheduler_config,
         text_projection=load_text_projection(projection) if projection else None,
-        source={"kind": "diffusers_folder", "path": str(path.resolve()),
-                "projection": str(projection) if projection else None},
+        source={
+            "kind": "diffusers_folder",
+            "path": str(path.resolve()),
+            "projection": str(projection) if projection else None,
+        },
     )
 
 

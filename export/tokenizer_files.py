@@ -51,14 +51,17 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 def write_clip_tokenizer_files(out_dir: Path, bpe_file: Path | None = None) -> Path:
     """Write vocab.json, merges.txt and tokenizer_config.json for the 49,408-id CLIP BPE."""
-    lines = gzip.open(bpe_file or find_bpe_file(), "rt", encoding="utf-8").read().split("\n")
+    with gzip.open(bpe_file or find_bpe_file(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _N_MERGES + 1]]
     byte_chars = list(_bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
     if len(vocab) != VOCAB_SIZE:
         raise ValueError(f"built a vocabulary of {len(vocab)} ids, expected {VOCAB_SIZE}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (out_dir / "vocab.json").write_text(
+        json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False)
+    )
     (out_dir / "merges.txt").write_text(
         "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
     )

@@ -15,7 +15,9 @@ from runtime.options import GenerateOptions
 from runtime.tokenizer import ClipTokenizer
 
 
-def _clip(backend: Backend, tokenizer: ClipTokenizer, texts: list[str], long_prompt: str) -> dict[str, np.ndarray]:
+def _clip(
+    backend: Backend, tokenizer: ClipTokenizer, texts: list[str], long_prompt: str
+) -> dict[str, np.ndarray]:
     ids = tokenizer(texts, long_prompt=long_prompt).ids  # (B, 77·k)
     return backend.run("clip", {"input_ids": ids})
 
@@ -50,7 +52,9 @@ def prompt_states(
         for prompt_pieces in pieces:
             stop = start + len(prompt_pieces)
             weights = np.array([w for _, w in prompt_pieces])
-            rows.append(compose(piece_pooled[start:stop], weights, empty, options.compose_mode, options.normalize))
+            rows.append(
+                compose(piece_pooled[start:stop], weights, empty, options.compose_mode, options.normalize)
+            )
             start = stop
         pooled = np.stack(rows)
     cond = backend.run("deprojector", {"pooled": pooled.astype(np.float32)})["hidden_states"]

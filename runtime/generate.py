@@ -13,7 +13,7 @@ from tqdm import tqdm
 from runtime.backends import BACKENDS, BackendError
 from runtime.bundle import PRECISIONS, BundleError
 from runtime.image import parameters_text, save_png
-from runtime.options import COMPOSE_MODES, DEFAULT_SEED, MODES, GenerateOptions
+from runtime.options import COMPOSE_MODES, DEFAULT_SEED, GenerateOptions
 from runtime.pipeline import Pipeline
 from runtime.schedulers import SCHEDULERS
 from runtime.tokenizer import LONG_PROMPT_MODES
@@ -26,18 +26,29 @@ def _size(text: str) -> tuple[int, int]:
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must look like 512x512 (WIDTHxHEIGHT); got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--size must look like 512x512 (WIDTHxHEIGHT); got {text!r}"
+        ) from None
     return width, height
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runtime.generate", description=__doc__)
     p.add_argument("prompt", nargs="+", help="one or more prompts (one image set per prompt)")
-    p.add_argument("--negative", action="append", default=[], help="negative prompt (once, or once per prompt)")
-    p.add_argument("--bundle", type=Path, default=Path("bundles/tiny"), help="bundle directory from `python -m export`")
+    p.add_argument(
+        "--negative", action="append", default=[], help="negative prompt (once, or once per prompt)"
+    )
+    p.add_argument(
+        "--bundle", type=Path, default=Path("bundles/tiny"), help="bundle directory from `python -m export`"
+    )
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument("--device", default="cpu", help="onnxruntime device: cpu, cuda or tensorrt")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="default: the backend's own (onnxruntime fp32, tensorrt fp16)",
+    )
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -45,16 +56,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT in pixels (default: the bundle's)")
     p.add_argument("--scheduler", choices=SCHEDULERS, default="pndm")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--deproject", action="store_const", dest="mode", const="deproject",
-                      help="condition on states deprojected from the prompt's pooled CLIP embedding")
-    mode.add_argument("--compose", action="store_const", dest="mode", const="compose",
-                      help="compose comma-separated pieces ('cat, (maid:1.3)') in embedding space, then deproject")
+    mode.add_argument(
+        "--deproject",
+        action="store_const",
+        dest="mode",
+        const="deproject",
+        help="condition on states deprojected from the prompt's pooled CLIP embedding",
+    )
+    mode.add_argument(
+        "--compose",
+        action="store_const",
+        dest="mode",
+        const="compose",
+        help="compose comma-separated pieces ('cat, (maid:1.3)') in embedding space, then deproject",
+    )
     p.add_argument("--compose-mode", choices=COMPOSE_MODES, default="sum")
-    p.add_argument("--normalize", action="store_true", help="rescale the composed embedding to the pieces' mean norm")
+    p.add_argument(
+        "--normalize", action="store_true", help="rescale the composed embedding to the pieces' mean norm"
+    )
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--long-prompt", choices=LONG_PROMPT_MODES, default="truncate")
-    p.add_argument("--out", type=Path, default=Path("out/image.png"),
-                   help="PNG path; several images get -0, -1, ... before the suffix")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/image.png"),
+        help="PNG path; several images get -0, -1, ... before the suffix",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(mode="standard")
     return p.parse_args(argv)
@@ -71,30 +98,49 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     width, height = args.size if args.size else (None, None)
     options = GenerateOptions(
-        prompts=tuple(args.prompt), negative_prompts=tuple(args.negative), steps=args.steps,
-        guidance=args.guidance, seed=args.seed, height=height, width=width, scheduler=args.scheduler,
-        mode=args.mode, compose_mode=args.compose_mode, normalize=args.normalize,
-        num_images=args.num_images, long_prompt=args.long_prompt,
+        prompts=tuple(args.prompt),
+        negative_prompts=tuple(args.negative),
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=height,
+        width=width,
+        scheduler=args.scheduler,
+        mode=args.mode,
+        compose_mode=args.compose_mode,
+        normalize=args.normalize,
+        num_images=args.num_images,
+        long_prompt=args.long_prompt,
     )
     try:
         start = time.perf_counter()
-        pipeline = Pipeline(args.bundle, args.backend, precision=args.precision, device=args.device,
-                            threads=args.threads)
+        pipeline = Pipeline(
+            args.bundle, args.backend, precision=args.precision, device=args.device, threads=args.threads
+        )
         load_s = time.perf_counter() - start
-        with tqdm(total=args.steps * options.total_images, unit="step", disable=None) as bar:
+        with tqdm(
+            total=pipeline.denoising_steps(options) * options.total_images, unit="step", disable=None
+        ) as bar:
             result = pipeline.generate(options, on_step=lambda i, t, x: bar.update(len(x)))
     except (ValueError, BundleError, BackendError) as exc:
         log.error("error: %s", exc)
         return 2
     o = result.options
     paths = _out_paths(args.out, len(result.images))
-    for k, (image, path, seed) in enumerate(zip(result.images, paths, result.seeds)):
+    for k, (image, path, seed) in enumerate(zip(result.images, paths, result.seeds, strict=True)):
         prompt_index = k // o.num_images
         negatives = o.negative_prompts
         negative = negatives[0] if len(negatives) == 1 else (negatives[prompt_index] if negatives else "")
-        settings = {"Steps": o.steps, "Sampler": o.scheduler, "CFG scale": o.guidance, "Seed": seed,
-                    "Size": f"{o.width}x{o.height}", "Mode": o.mode, "Backend": f"{args.backend}/{args.precision}",
-                    "Model": args.bundle.resolve().name}
+        settings = {
+            "Steps": o.steps,
+            "Sampler": o.scheduler,
+            "CFG scale": o.guidance,
+            "Seed": seed,
+            "Size": f"{o.width}x{o.height}",
+            "Mode": o.mode,
+            "Backend": f"{args.backend}/{pipeline.backend.precision}",
+            "Model": args.bundle.resolve().name,
+        }
         if o.mode == "compose":
             settings.update({"Compose": o.compose_mode, "Normalize": o.normalize})
         save_png(image, path, parameters_text(o.prompts[prompt_index], negative, settings))

@@ -61,7 +61,7 @@ def validate(options: GenerateOptions, bundle: Bundle) -> GenerateOptions:
         raise ValueError(f"guidance must be a finite number >= 0; got {o.guidance!r}")
     if isinstance(o.seed, bool) or not isinstance(o.seed, int) or not 0 <= o.seed < 2**63:
         raise ValueError(f"seed must be an integer from 0 to 2**63-1; got {o.seed!r}")
-    if not isinstance(o.num_images, int) or not 1 <= o.num_images or o.total_images > MAX_IMAGES:
+    if not isinstance(o.num_images, int) or not o.num_images >= 1 or o.total_images > MAX_IMAGES:
         raise ValueError(
             f"num_images must be >= 1 with prompts x num_images <= {MAX_IMAGES}; "
             f"got {o.num_images!r} x {len(o.prompts)} prompts"
@@ -73,16 +73,16 @@ def validate(options: GenerateOptions, bundle: Bundle) -> GenerateOptions:
     if o.mode != "standard" and not bundle.has_deprojector:
         raise ValueError(f"mode {o.mode!r} needs a bundle with a deprojector; {bundle.root} has none")
     if o.mode != "standard" and o.long_prompt == "chunk":
-        raise ValueError("long_prompt 'chunk' works with mode 'standard' only (the deprojector makes 77 states)")
+        raise ValueError(
+            "long_prompt 'chunk' works with mode 'standard' only (the deprojector makes 77 states)"
+        )
     h_range, w_range = bundle.image_size_range()
     height = o.height if o.height is not None else h_range.opt
     width = o.width if o.width is not None else w_range.opt
     factor = bundle.vae_scale_factor
     for name, value, r in (("height", height, h_range), ("width", width, w_range)):
         if not isinstance(value, int) or value % factor or not r.min <= value <= r.max:
-            raise ValueError(
-                f"{name} must be a multiple of {factor} from {r.min} to {r.max}; got {value!r}"
-            )
+            raise ValueError(f"{name} must be a multiple of {factor} from {r.min} to {r.max}; got {value!r}")
     if o.latents is not None:
         expected = (o.total_images, bundle.manifest["latent_channels"], height // factor, width // factor)
         if o.latents.shape != expected or not np.all(np.isfinite(o.latents)):

@@ -38,11 +38,25 @@ class Result:
 class Pipeline:
     """One loaded bundle and backend. Thread-safe for concurrent `generate` calls if the backend is."""
 
-    def __init__(self, bundle: Bundle | str | Path, backend: Backend | str = "onnxruntime", **backend_options: object):
+    def __init__(
+        self,
+        bundle: Bundle | str | Path,
+        backend: Backend | str = "onnxruntime",
+        precision: str | None = None,
+        **backend_options: object,
+    ):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        self.backend = backend if not isinstance(backend, str) else open_backend(backend, self.bundle, **backend_options)
+        if isinstance(backend, str):
+            backend = open_backend(backend, self.bundle, precision, **backend_options)
+        self.backend = backend
         t = self.bundle.manifest["tokenizer"]
         self.tokenizer = ClipTokenizer(self.bundle.tokenizer_dir, t["bos_id"], t["eos_id"], t["pad_id"])
+
+    def denoising_steps(self, options: GenerateOptions) -> int:
+        """UNet calls per image: PNDM makes one more than `steps` (its PLMS warm-up)."""
+        return len(
+            make_scheduler(options.scheduler, self.bundle.scheduler_config).set_timesteps(options.steps)
+        )
 
     def _initial_latents(self, o: GenerateOptions, rngs: list[np.random.Generator]) -> np.ndarray:
         if o.latents is not None:
@@ -52,7 +66,10 @@ class Pipeline:
         return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
 
     def generate(
-        self, options: GenerateOptions, on_step: StepCallback | None = None, cancel: Callable[[], bool] | None = None
+        self,
+        options: GenerateOptions,
+        on_step: StepCallback | None = None,
+        cancel: Callable[[], bool] | None = None,
     ) -> Result:
         o = validate(options, self.bundle)
         timings: dict[str, float] = {}
@@ -64,13 +81,17 @@ class Pipeline:
         seeds = [o.seed + i for i in range(o.total_images)]
         rngs = [np.random.default_rng(s) for s in seeds]
         latents = self._initial_latents(o, rngs)  # (N, 4, h, w)
-        per_call = max(1, self.bundle.models["unet"].dims["batch"].max // (2 if cfg.uses_uncond(o.guidance) else 1))
+        per_call = max(
+            1, self.bundle.models["unet"].dims["batch"].max // (2 if cfg.uses_uncond(o.guidance) else 1)
+        )
 
         start = time.perf_counter()
         finished = []
         for first in range(0, o.total_images, per_call):
             rows = slice(first, first + per_call)
-            finished.append(self._denoise(o, latents[rows], uncond[rows], cond[rows], rngs[rows], on_step, cancel))
+            finished.append(
+                self._denoise(o, latents[rows], uncond[rows], cond[rows], rngs[rows], on_step, cancel)
+            )
         timings["denoise"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -96,12 +117,14 @@ class Pipeline:
             return np.stack([rng.standard_normal(latents.shape[1:], dtype=np.float32) for rng in rngs])
 
         x = latents * np.float32(scheduler.init_noise_sigma)
-        steps = denoise(self.backend, scheduler, timesteps, x, states, o.guidance, noise if scheduler.stochastic else None)
+        steps = denoise(
+            self.backend, scheduler, timesteps, x, states, o.guidance, noise if scheduler.stochastic else None
+        )
         for i, t, x in steps:
             if on_step is not None:
                 on_step(i, t, x)
             if cancel is not None and cancel():
-                raise Cancelled(f"cancelled after step {i + 1} of {o.steps}")
+                raise Cancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
         return x
 
     def close(self) -> None:

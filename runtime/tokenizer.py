@@ -49,9 +49,13 @@ class ClipTokenizer:
         ids = [self.bos_id, *body[:_BODY], self.eos_id]
         return ids + [self.pad_id] * (CONTEXT_LENGTH - len(ids))
 
-    def __call__(self, prompts: list[str], long_prompt: str = "truncate", max_chunks: int = 3) -> TokenizedPrompts:
+    def __call__(
+        self, prompts: list[str], long_prompt: str = "truncate", max_chunks: int = 3
+    ) -> TokenizedPrompts:
         if long_prompt not in LONG_PROMPT_MODES:
-            raise ValueError(f"long_prompt must be one of {', '.join(LONG_PROMPT_MODES)}; got {long_prompt!r}")
+            raise ValueError(
+                f"long_prompt must be one of {', '.join(LONG_PROMPT_MODES)}; got {long_prompt!r}"
+            )
         bodies = [self._body(p) for p in prompts]
         if long_prompt == "chunk":
             chunks = max(1, *(-(-len(b) // _BODY) for b in bodies))
@@ -59,7 +63,7 @@ class ClipTokenizer:
         else:
             chunks = 1
         rows, dropped = [], []
-        for prompt, body in zip(prompts, bodies):
+        for body in bodies:
             keep = chunks * _BODY
             windows = [self._window(body[i * _BODY : (i + 1) * _BODY]) for i in range(chunks)]
             rows.append([i for w in windows for i in w])

@@ -9,6 +9,8 @@ from runtime.backends.base import Backend
 
 def decode(backend: Backend, latents: np.ndarray) -> np.ndarray:
     """One image at a time: the decoder's activations at 512x512 are large (GBs per image)."""
-    images = [backend.run("vae_decoder", {"latent": latents[i : i + 1]})["image"] for i in range(len(latents))]
+    images = [
+        backend.run("vae_decoder", {"latent": latents[i : i + 1]})["image"] for i in range(len(latents))
+    ]
     image = np.concatenate(images)  # (N, 3, H, W) in [0, 1]
     return (image.transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)

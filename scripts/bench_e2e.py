@@ -48,8 +48,13 @@ def _timed_runs(first: Any, repeats: int, run: Any) -> dict[str, Any]:
         run()
         latencies.append(time.perf_counter() - start)
     cpu_ratio = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    return {**_summary(latencies), "latencies_s": latencies, "time_to_first_image_s": ttfi,
-            "cpu_per_wall": cpu_ratio, "peak_rss_gib": _peak_rss_gib()}
+    return {
+        **_summary(latencies),
+        "latencies_s": latencies,
+        "time_to_first_image_s": ttfi,
+        "cpu_per_wall": cpu_ratio,
+        "peak_rss_gib": _peak_rss_gib(),
+    }
 
 
 def worker_runtime(args: argparse.Namespace, t0: float) -> dict[str, Any]:
@@ -62,7 +67,7 @@ def worker_runtime(args: argparse.Namespace, t0: float) -> dict[str, Any]:
         """Counts the time spent inside backend calls, per model."""
 
         def __init__(self, inner: Any):
-            self.inner, self.device, self.seconds = inner, inner.device, {}
+            self.inner, self.device, self.precision, self.seconds = inner, inner.device, inner.precision, {}
 
         def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             start = time.perf_counter()
@@ -74,11 +79,20 @@ def worker_runtime(args: argparse.Namespace, t0: float) -> dict[str, Any]:
             self.inner.close()
 
     bundle = Bundle.open(args.bundle)
-    backend = TimedBackend(open_backend("onnxruntime", bundle, precision=args.precision, threads=args.threads))
+    backend = TimedBackend(
+        open_backend("onnxruntime", bundle, precision=args.precision, threads=args.threads)
+    )
     pipe = Pipeline(bundle, backend)
     width, height = args.size
-    options = GenerateOptions(prompts=(args.prompt,), steps=args.steps, guidance=args.guidance, seed=0,
-                              height=height, width=width, scheduler="ddim")
+    options = GenerateOptions(
+        prompts=(args.prompt,),
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=0,
+        height=height,
+        width=width,
+        scheduler="ddim",
+    )
     overheads: list[float] = []
 
     def run() -> None:
@@ -117,17 +131,29 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
     c = load_model(model, seed=source.get("seed", 0))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     pipe = StableDiffusionPipeline(
-        vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer(), unet=c.unet,
-        scheduler=DDIMScheduler.from_config(c.scheduler_config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=c.vae,
+        text_encoder=c.text_encoder,
+        tokenizer=c.tokenizer(),
+        unet=c.unet,
+        scheduler=DDIMScheduler.from_config(c.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     ).to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     width, height = args.size
 
     @torch.inference_mode()
     def run() -> None:
-        pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, height=height,
-             width=width, generator=torch.Generator().manual_seed(0), output_type="np")
+        pipe(
+            args.prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            height=height,
+            width=width,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        )
 
     def first() -> float:
         run()
@@ -190,8 +216,11 @@ def main() -> int:
 
     if args.worker:
         t0 = time.perf_counter()
-        result = (worker_runtime(args, t0) if args.worker == "runtime"
-                  else worker_diffusers(args, t0, args.worker.split("_")[1]))
+        result = (
+            worker_runtime(args, t0)
+            if args.worker == "runtime"
+            else worker_diffusers(args, t0, args.worker.split("_")[1])
+        )
         print(json.dumps(result))
         return 0
 
@@ -209,27 +238,48 @@ def main() -> int:
         print(f"running {engine} ...", file=sys.stderr, flush=True)
         results[engine] = _spawn([sys.executable, __file__, *forwarded, "--worker", engine])
     if args.optimum_python:
-        payload = json.dumps({"model": str(args.optimum_model), "prompt": args.prompt, "steps": args.steps,
-                              "guidance": args.guidance, "width": args.size[0], "height": args.size[1],
-                              "repeats": args.repeats})
+        payload = json.dumps(
+            {
+                "model": str(args.optimum_model),
+                "prompt": args.prompt,
+                "steps": args.steps,
+                "guidance": args.guidance,
+                "width": args.size[0],
+                "height": args.size[1],
+                "repeats": args.repeats,
+            }
+        )
         results["optimum"] = _spawn([str(args.optimum_python), "-c", OPTIMUM_WORKER, payload])
 
     ours = results.get("runtime", {}).get("median_s")
-    header = f"{'engine':16} {'median s':>9} {'p95 s':>8} {'first img s':>11} {'peak GiB':>9} {'cpu/wall':>8} {'vs ours':>8}"
-    print(header)
+    columns = ("median s", "p95 s", "first img s", "peak GiB", "cpu/wall", "vs ours")
+    print(f"{'engine':16} " + " ".join(f"{c:>11}" for c in columns))
     for name, r in results.items():
         if "error" in r:
             print(f"{name:16} error: {r['error']}")
             continue
         ratio = f"{r['median_s'] / ours:7.2f}x" if ours else "-"
         cpu = f"{r['cpu_per_wall']:8.2f}" if r.get("cpu_per_wall") is not None else f"{'-':>8}"
-        print(f"{name:16} {r['median_s']:9.2f} {r['p95_s']:8.2f} {r['time_to_first_image_s']:11.2f} "
-              f"{r['peak_rss_gib']:9.2f} {cpu} {ratio}")
+        print(
+            f"{name:16} {r['median_s']:9.2f} {r['p95_s']:8.2f} {r['time_to_first_image_s']:11.2f} "
+            f"{r['peak_rss_gib']:9.2f} {cpu} {ratio}"
+        )
     if "runtime" in results and "step_overhead_share" in results["runtime"]:
         share = results["runtime"]["step_overhead_share"]
-        print(f"runtime overhead outside the UNet call: median {share['median']:.3%}, max {share['max']:.3%} of a step")
-    workload = {"prompt": args.prompt, "size": list(args.size), "steps": args.steps, "guidance": args.guidance,
-                "scheduler": "ddim", "repeats": args.repeats, "bundle": str(args.bundle), "threads": args.threads}
+        print(
+            f"runtime overhead outside the UNet call: median {share['median']:.3%}, "
+            f"max {share['max']:.3%} of a step"
+        )
+    workload = {
+        "prompt": args.prompt,
+        "size": list(args.size),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "scheduler": "ddim",
+        "repeats": args.repeats,
+        "bundle": str(args.bundle),
+        "threads": args.threads,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(".tmp")
     tmp.write_text(json.dumps({"workload": workload, "results": results}, indent=2))

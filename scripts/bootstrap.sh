@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install torch==2.13.0
-pip install -e ".[export,test]"
+pip install -e ".[cpu,export,test,compare]"
 # The real CLIP BPE merges ship in this wheel; --no-deps because we only read one data file
 # from it (its dependencies would drag in torchvision).
 pip install --no-deps open-clip-torch==3.3.0

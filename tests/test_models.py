@@ -46,7 +46,9 @@ def test_diffusers_folder_round_trip(tmp_path):
     assert loaded.text_projection is None and loaded.source["kind"] == "diffusers_folder"
     ids = torch.tensor([[49406, 320, 2368, 49407] + [49407] * 73])
     with torch.no_grad():
-        assert torch.equal(preset.text_encoder(ids).last_hidden_state, loaded.text_encoder(ids).last_hidden_state)
+        assert torch.equal(
+            preset.text_encoder(ids).last_hidden_state, loaded.text_encoder(ids).last_hidden_state
+        )
     assert loaded.scheduler_config["beta_schedule"] == "scaled_linear"
 
 

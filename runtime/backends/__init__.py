@@ -8,14 +8,24 @@ from runtime.bundle import Bundle
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
-def open_backend(name: str, bundle: Bundle, precision: str = "fp32", **options: object) -> Backend:
-    """Create a backend by name; engines are imported only when asked for."""
+def open_backend(name: str, bundle: Bundle, precision: str | None = None, **options: object) -> Backend:
+    """Create a backend by name; engines are imported only when asked for.
+
+    `precision` defaults to the backend's own (onnxruntime: fp32; tensorrt: fp16, the only one its
+    engines are built in). onnxruntime's `device` and `threads` mean nothing to TensorRT: dropped.
+    """
+    if precision is not None:
+        options["precision"] = precision
     if name == "onnxruntime":
         from runtime.backends.onnxruntime import OrtBackend
 
-        return OrtBackend(bundle, precision=precision, **options)  # type: ignore[arg-type]
+        return OrtBackend(bundle, **options)  # type: ignore[arg-type]
     if name == "tensorrt":
-        raise BackendError("backend 'tensorrt' is not available in this build yet; use 'onnxruntime'")
+        from runtime.backends.tensorrt import TrtBackend
+
+        for ort_only in ("device", "threads"):
+            options.pop(ort_only, None)
+        return TrtBackend(bundle, **options)  # type: ignore[arg-type]
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
 
 

@@ -15,6 +15,7 @@ class BackendError(RuntimeError):
 
 class Backend(Protocol):
     device: str
+    precision: str  # which of the bundle's files it runs: "fp32" or "fp16"
 
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one bundle model on named float32/int32 inputs; returns its named outputs."""

@@ -58,7 +58,10 @@ class OrtBackend:
         cache = str(self.bundle.root / ".trt_cache")
         options: dict[str, dict[str, str]] = {
             "TensorrtExecutionProvider": {
-                "trt_fp16_enable": "True" if self.precision == "fp16" else "False",
+                # Off for both precisions: the EP then builds a strongly typed network that obeys
+                # the types in the ONNX (fp16 bundle files keep Sin/Cos and softmax in fp32); on, it
+                # builds weakly typed and may run those in fp16 too. TensorRT 11 removed the flag.
+                "trt_fp16_enable": "False",
                 "trt_engine_cache_enable": "True",
                 "trt_engine_cache_path": cache,
                 "trt_timing_cache_enable": "True",
@@ -127,7 +130,7 @@ class OrtBackend:
         except Exception as exc:
             shapes = {k: v.shape for k, v in feeds.items()}
             raise BackendError(f"{model} failed on inputs {shapes}: {exc}") from exc
-        return dict(zip(entry.spec.output_names, outputs))
+        return dict(zip(entry.spec.output_names, outputs, strict=True))
 
     def close(self) -> None:
         with self._lock:

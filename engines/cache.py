@@ -1,0 +1,126 @@
+"""The engine directory: which engines need (re)building, and atomic writes of plans and manifest.
+
+An engine is up to date only if its manifest entry has the key this GPU, TensorRT and ONNX would
+give it, was built with the same settings, and its plan file still has the recorded sha256.
+Everything is written to a temp file in the same directory and renamed, so a crash never leaves
+a half-written plan or manifest behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engines.profiles import ProfileRequest, model_profiles, profile_label
+from runtime.backends.trt_manifest import (
+    MANIFEST,
+    PRECISION,
+    EngineEntry,
+    GpuEnvironment,
+    SourceOnnx,
+    cache_key,
+    manifest_text,
+    source_onnx,
+    stale_reasons,
+)
+from runtime.backends.trt_shapes import Profile
+from runtime.bundle import Bundle
+
+FLAGS = {"precision": PRECISION, "strongly_typed": True}  # what TensorRT 11 builds, set explicitly on 10
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    name: str
+    model: str
+    onnx: Path
+    source: SourceOnnx
+    profiles: tuple[Profile, ...]
+    settings: dict[str, Any]  # opt_level, workspace_gb
+    key: str
+    reason: str  # why it is built: "new", or what made the old engine stale
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes | memoryview | str) -> None:
+    """Write to a temp file beside `path`, fsync, then rename over it."""
+    payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_manifest(engine_dir: Path, entries: dict[str, EngineEntry]) -> None:
+    write_atomic(engine_dir / MANIFEST, manifest_text(entries))
+
+
+def rebuild_reason(
+    entry: EngineEntry | None, job_key: str, settings: dict[str, Any], engine_dir: Path
+) -> str | None:
+    """Why the engine must be built, or None if `entry` is up to date."""
+    if entry is None:
+        return "new"
+    if entry.key != job_key:
+        return "profiles or flags changed"
+    if entry.settings != settings:
+        return f"build settings changed ({entry.settings} -> {settings})"
+    plan = engine_dir / entry.plan
+    if not plan.is_file():
+        return "plan file missing"
+    if plan.stat().st_size != entry.plan_bytes or sha256_file(plan) != entry.plan_sha256:
+        return "plan file corrupt"
+    return None
+
+
+def plan_jobs(
+    bundle: Bundle,
+    request: ProfileRequest | None,
+    settings: dict[str, Any],
+    env: GpuEnvironment,
+    entries: dict[str, EngineEntry],
+    engine_dir: Path,
+    rebuild_stale: bool,
+) -> tuple[list[BuildJob], list[str]]:
+    """(jobs to build, names already up to date). `request` asks for one engine per bundle model;
+    `rebuild_stale` also rebuilds every existing engine that is stale or corrupt here, with its
+    own profiles and settings."""
+    wanted: list[tuple[str, tuple[Profile, ...], dict[str, Any]]] = []
+    if request is not None:
+        wanted += [(m, model_profiles(bundle, m, request), settings) for m in bundle.models]
+    if rebuild_stale:
+        wanted += [(e.model, e.profiles, e.settings) for e in entries.values() if e.model in bundle.models]
+    jobs: dict[str, BuildJob] = {}
+    current: list[str] = []
+    for model, profiles, job_settings in wanted:
+        name = f"{model}.{profile_label(profiles, bundle.vae_scale_factor)}"
+        if name in jobs or name in current:
+            continue
+        source = source_onnx(bundle, model)
+        key = cache_key(source, env.tensorrt, env.compute_capability, profiles, FLAGS)
+        old = entries.get(name)
+        stale = stale_reasons(old, env, source) if old is not None else []  # what the backend refuses
+        reason = "; ".join(stale) or rebuild_reason(old, key, job_settings, engine_dir)
+        if reason is None:
+            current.append(name)
+            continue
+        onnx = bundle.models[model].path(PRECISION)
+        jobs[name] = BuildJob(name, model, onnx, source, profiles, job_settings, key, reason)
+    return list(jobs.values()), current
