@@ -13,6 +13,7 @@ DIR/resume (state for --resume) and DIR/stamp.json (the run's numbers).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from export.captions import BUILTIN, DEFAULT_BUILTIN_COUNT
 from export.models import DEFAULT_SEED, PRESETS
-from export.training import TRAINABLE, TrainOptions, TrainResult, train
+from export.training import TRAINABLE, TrainOptions, TrainResult, train, train_or_reuse
 
 _DEFAULTS = TrainOptions(model="tiny", out=Path("."))
 
@@ -45,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     group.add_argument("--overwrite", action="store_true", help="discard a run saved in --out")
+    group.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse a finished run in --out with the same inputs; else resume it or train afresh",
+    )
     p.add_argument("--holdout", type=int, default=_DEFAULTS.holdout, help="held-out captions (the last N)")
     p.add_argument("--eval-every", type=int, help="steps between held-out evaluations (default: one epoch)")
     p.add_argument("--patience", type=int, default=_DEFAULTS.patience, help="evaluations without improvement")
@@ -114,10 +120,17 @@ def _report(result: TrainResult) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    opts = _options(parser.parse_args(argv), parser)
+    args = parser.parse_args(argv)
+    opts, reuse = _options(args, parser), args.reuse
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         with logging_redirect_tqdm():
+            if reuse:
+                fields = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+                for decided_by_reuse in ("model", "out", "resume", "overwrite"):
+                    fields.pop(decided_by_reuse)
+                print(f"checkpoint: {train_or_reuse(opts.model, opts.out, **fields)}")
+                return 0
             result = train(opts)
     except (FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -8,6 +8,7 @@ The manifest is what makes a bundle self-describing (written by `python -m expor
       "packages": {"torch": "2.13.0+cpu", "diffusers": ..., "onnx": ..., ...},
       "hidden_size": 768, "projection_dim": 768 | null,
       "latent_channels": 4, "vae_scale_factor": 8, "vae_scaling": 0.18215,
+      "latent_multiple": 8,   # latent sides must divide by the UNet's total downsampling
       "tokenizer": {"dir": "tokenizer", "context_length": 77, "bos_id": 49406, "eos_id": 49407,
                     "pad_id": 49407},
       "scheduler": {... diffusers scheduler_config.json ...},
@@ -125,6 +126,11 @@ class Bundle:
     @property
     def has_deprojector(self) -> bool:
         return "deprojector" in self.models
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this many pixels (VAE factor x UNet downsampling)."""
+        return self.vae_scale_factor * int(self.manifest["latent_multiple"])
 
     def image_size_range(self) -> tuple[DimRange, DimRange]:
         """Allowed image (height, width) in pixels, from the UNet's latent ranges."""

@@ -79,10 +79,11 @@ def validate(options: GenerateOptions, bundle: Bundle) -> GenerateOptions:
     h_range, w_range = bundle.image_size_range()
     height = o.height if o.height is not None else h_range.opt
     width = o.width if o.width is not None else w_range.opt
-    factor = bundle.vae_scale_factor
+    multiple, factor = bundle.size_multiple, bundle.vae_scale_factor
     for name, value, r in (("height", height, h_range), ("width", width, w_range)):
-        if not isinstance(value, int) or value % factor or not r.min <= value <= r.max:
-            raise ValueError(f"{name} must be a multiple of {factor} from {r.min} to {r.max}; got {value!r}")
+        low, high = -(-r.min // multiple) * multiple, r.max // multiple * multiple
+        if not isinstance(value, int) or value % multiple or not low <= value <= high:
+            raise ValueError(f"{name} must be a multiple of {multiple} from {low} to {high}; got {value!r}")
     if o.latents is not None:
         expected = (o.total_images, bundle.manifest["latent_channels"], height // factor, width // factor)
         if o.latents.shape != expected or not np.all(np.isfinite(o.latents)):

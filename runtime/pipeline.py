@@ -54,9 +54,8 @@ class Pipeline:
 
     def denoising_steps(self, options: GenerateOptions) -> int:
         """UNet calls per image: PNDM makes one more than `steps` (its PLMS warm-up)."""
-        return len(
-            make_scheduler(options.scheduler, self.bundle.scheduler_config).set_timesteps(options.steps)
-        )
+        o = validate(options, self.bundle)
+        return len(make_scheduler(o.scheduler, self.bundle.scheduler_config).set_timesteps(o.steps))
 
     def _initial_latents(self, o: GenerateOptions, rngs: list[np.random.Generator]) -> np.ndarray:
         if o.latents is not None:

@@ -32,8 +32,9 @@ def bundle(tiny_bundle):
         ({"mode": "magic"}, "mode must be one of standard, deproject, compose"),
         ({"compose_mode": "max"}, "compose_mode must be one of sum, diff_only"),
         ({"long_prompt": "wrap"}, "long_prompt must be one of truncate, chunk"),
-        ({"height": 100}, "height must be a multiple of 8 from 64 to 1024"),
-        ({"width": 2048}, "width must be a multiple of 8 from 64 to 1024"),
+        ({"height": 100}, "height must be a multiple of 16 from 64 to 1024"),
+        ({"height": 136}, "height must be a multiple of 16 from 64 to 1024"),
+        ({"width": 2048}, "width must be a multiple of 16 from 64 to 1024"),
         ({"mode": "compose", "long_prompt": "chunk"}, "long_prompt 'chunk' works with mode 'standard' only"),
         (
             {"latents": np.zeros((1, 4, 8, 8), np.float32)},

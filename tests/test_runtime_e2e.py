@@ -142,7 +142,9 @@ def test_guidance_one_skips_uncond_and_callbacks_and_cancel(runtime_pipeline):
     result = runtime_pipeline.generate(options, on_step=lambda i, t, x: seen.append(i))
     assert seen == [0, 1, 2, 3] and result.images.shape == (1, SIZE, SIZE, 3)
     with pytest.raises(Cancelled, match="after step 2 of 4"):
-        runtime_pipeline.generate(options, cancel=lambda: len(seen) >= 6)
+        runtime_pipeline.generate(
+            options, on_step=lambda i, t, x: seen.append(i), cancel=lambda: len(seen) >= 6
+        )
 
 
 def test_fp16_bundle_runs_close_to_fp32(runtime_pipeline, tiny_bundle):

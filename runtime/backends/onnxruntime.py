@@ -29,6 +29,15 @@ DEVICES = tuple(_PROVIDERS)
 _EXTERNAL_DATA_THRESHOLD = 1024  # bytes; keeps > 2 GB optimised graphs saveable
 
 
+def _writable(directory: Path) -> bool:
+    """A read-only bundle (a mounted volume, say) just runs without the optimised-graph cache."""
+    try:
+        directory.mkdir(exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK)
+
+
 class OrtBackend:
     def __init__(
         self,
@@ -90,10 +99,9 @@ class OrtBackend:
         else:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             path = source
-            if self.cache_optimized and self.device == "cpu":
+            if self.cache_optimized and self.device == "cpu" and _writable(cached.parent):
                 # ORT writes the optimised graph while creating the session: give it a temp name
                 # and rename afterwards, so a crash never leaves a half-written cache entry.
-                cached.parent.mkdir(exist_ok=True)
                 opts.optimized_model_filepath = str(cached.with_suffix(".tmp"))
                 opts.add_session_config_entry(
                     "session.optimized_model_external_initializers_file_name", cached.name + ".data"

@@ -1,0 +1,358 @@
+"""The export pipeline: model source -> CLIP, deprojector, UNet, VAE decoder as ONNX -> bundle.
+
+Stage order is chosen for memory. All torch models are traced first, each to a raw ONNX file
+in the staging directory, and then freed; every later pass works on a lean proto whose large
+weights stay on disk (onnx_io), so fp16 conversion of the SD 1.5 UNet no longer holds several
+copies of 3.4 GB. Per model: clean up (fold, dedupe, infer shapes), write fp32, convert and
+write fp16, check both and list ops TensorRT's parser lacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import CLIPTokenizer
+
+from export import fp16, graph, onnx_io
+from export.bundle import (
+    DEPROJECTOR_DIR,
+    TOKENIZER_DIR,
+    Staging,
+    dir_entry,
+    dir_signature,
+    exporter_digest,
+    file_entry,
+    model_entry,
+    package_versions,
+    reusable,
+)
+from export.deprojector import VicinityDeprojector, from_clip, load_deprojector, save_deprojector
+from export.models import DEFAULT_SEED, PRESETS, SDComponents, load_model
+from export.onnx_export import (
+    BOS_ID,
+    EOS_ID,
+    OPSET,
+    ClipWrapper,
+    UNetWrapper,
+    VaeDecoderWrapper,
+    example_inputs,
+    export_onnx,
+)
+from export.progress import Progress, StageRecord, release_memory
+from runtime.bundle import FORMAT, FORMAT_VERSION
+from runtime.specs import (
+    CONTEXT_LENGTH,
+    LATENT_CHANNELS,
+    ModelSpec,
+    clip_spec,
+    deprojector_spec,
+    unet_spec,
+    vae_decoder_spec,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_NAMES = ("clip", "deprojector", "unet", "vae_decoder")
+PRECISION_CHOICES = {"fp32": ("fp32",), "fp16": ("fp16",), "both": ("fp32", "fp16")}
+INIT_FROM_CLIP = "init-from-clip"
+DEFAULT_VARIANT = "v1"
+# Optimisation-profile ranges recorded for engines (TensorRT) and checked by backends.
+BATCH = {"min": 1, "opt": 2, "max": 8}  # opt 2: one prompt with classifier-free guidance
+TOKENS = {"min": CONTEXT_LENGTH, "opt": CONTEXT_LENGTH, "max": 3 * CONTEXT_LENGTH}
+LATENT_MIN, LATENT_MAX = 8, 128  # 64..1024 px at scale factor 8
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    model: str  # preset name or diffusers folder
+    out: Path
+    seed: int = DEFAULT_SEED
+    projection: Path | None = None
+    deprojector: str | None = None  # None: initialise from CLIP; "none": omit; else a checkpoint dir
+    precision: str = "both"
+    force: bool = False  # rebuild even if the bundle could be reused
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    reused: bool
+    reason: str
+    manifest: dict[str, Any]
+    stages: list[StageRecord] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_bytes: int = 0
+
+
+def _empty_ids() -> torch.Tensor:
+    """The tokenized "" padded to 77: BOS then EOS padding (int64)."""
+    return torch.tensor([BOS_ID] + [EOS_ID] * (CONTEXT_LENGTH - 1), dtype=torch.int64)
+
+
+def _variant_of(module: nn.Module) -> str:
+    """Published variant name of a loaded checkpoint, from its config (Vicinity: "vicinity").
+
+    v1 and v2 share a layout; v1 takes text_embeds (the spec), v2 pooled.
+    """
+    if isinstance(module, VicinityDeprojector):
+        return "vicinity"
+    config: Any = getattr(module, "config", None)
+    if config.layout == "embed_first":
+        return "v1" if config.input_kind == "text_embeds" else "v2"
+    if config.ensemble_size == 1:
+        return "v3"
+    return "v5" if config.apply_mlp_to_input else "v4"
+
+
+def deprojector_module(
+    components: SDComponents, choice: str | None
+) -> tuple[nn.Module, dict[str, Any]] | None:
+    """The deprojector to export (taking pooled input) and its manifest entry, or None."""
+    if choice == "none":
+        return None
+    if choice is None:
+        module = from_clip(
+            components.text_encoder,
+            components.text_projection,
+            variant=DEFAULT_VARIANT,
+            empty_ids=_empty_ids(),
+            input_kind="pooled",
+        )
+        return module, {"variant": DEFAULT_VARIANT, "checkpoint": INIT_FROM_CLIP, "input": "pooled"}
+    loaded = load_deprojector(choice)
+    entry = {"variant": _variant_of(loaded), "checkpoint": str(Path(choice).resolve()), "input": "pooled"}
+    return loaded.with_input_kind("pooled").eval(), entry
+
+
+def model_spec(name: str, components: SDComponents) -> ModelSpec:
+    hidden = components.hidden_size
+    if name == "clip":
+        projection = components.text_projection
+        return clip_spec(hidden, None if projection is None else int(projection.shape[0]))
+    if name == "deprojector":
+        return deprojector_spec(hidden)
+    if name == "unet":
+        return unet_spec(hidden)
+    return vae_decoder_spec()
+
+
+def torch_module(name: str, components: SDComponents, deprojector: nn.Module | None = None) -> nn.Module:
+    """The PyTorch module whose ONNX graph is `<name>.onnx` (tests compare against it too)."""
+    if name == "clip":
+        return ClipWrapper(components.text_encoder, components.text_projection).eval()
+    if name == "deprojector":
+        if deprojector is None:
+            raise ValueError("the deprojector module is built by deprojector_module()")
+        if isinstance(deprojector, VicinityDeprojector):
+            return deprojector.fold_batchnorm()  # eval BatchNorm folded into the Linears: fewer nodes
+        return deprojector.eval()
+    if name == "unet":
+        return UNetWrapper(components.unet).eval()
+    if name == "vae_decoder":
+        return VaeDecoderWrapper(components.vae).eval()
+    raise ValueError(f"unknown model {name!r}")
+
+
+def dim_ranges(name: str, sample_size: int) -> dict[str, dict[str, int]]:
+    latent = {"min": LATENT_MIN, "opt": min(max(sample_size, LATENT_MIN), LATENT_MAX), "max": LATENT_MAX}
+    if name == "clip":
+        return {"batch": BATCH, "tokens": TOKENS}
+    if name == "deprojector":
+        return {"batch": BATCH}
+    if name == "unet":
+        return {"batch": BATCH, "height": latent, "width": latent, "tokens": TOKENS}
+    return {"batch": {**BATCH, "opt": 1}, "height": latent, "width": latent}  # one image per decode
+
+
+def _path_signature(path: Path | str | None) -> dict[str, str] | None:
+    if path is None:
+        return None
+    resolved = Path(path).resolve()
+    return {"path": str(resolved), "files": dir_signature(resolved)}
+
+
+def fingerprint(opts: ExportOptions) -> dict[str, Any]:
+    """Everything the exported files depend on; an equal fingerprint lets a bundle be reused."""
+    preset = opts.model in PRESETS
+    deprojector: Any = (
+        opts.deprojector if opts.deprojector in (None, "none") else _path_signature(opts.deprojector)
+    )
+    return {
+        "model": opts.model if preset else _path_signature(opts.model),
+        "seed": opts.seed if preset else None,
+        "projection": _path_signature(opts.projection),
+        "deprojector": INIT_FROM_CLIP if deprojector is None else deprojector,
+        "precision": opts.precision,
+        "packages": package_versions(),
+        "exporter": exporter_digest(),
+    }
+
+
+def _write_tokenizer(components: SDComponents, target: Path) -> dict[str, Any]:
+    tokenizer = CLIPTokenizer.from_pretrained(components.tokenizer_dir)
+    tokenizer.save_pretrained(target)
+    if not (target / "tokenizer.json").is_file():
+        raise RuntimeError(f"CLIPTokenizer.save_pretrained wrote no tokenizer.json to {target}")
+    return {
+        "dir": TOKENIZER_DIR,
+        "context_length": CONTEXT_LENGTH,
+        "bos_id": int(tokenizer.bos_token_id),
+        "eos_id": int(tokenizer.eos_token_id),
+        "pad_id": int(tokenizer.pad_token_id),
+    }
+
+
+def _write_precision(lean: Any, staging: Path, file: str, warnings: list[str]) -> dict[str, Any]:
+    """Save one precision, check it, record unsupported TensorRT ops; returns its files entry."""
+    data = onnx_io.save(lean, staging / file)
+    graph.check(staging / file)
+    entry = file_entry(staging, file, data)
+    entry["trt_unsupported_ops"] = graph.unsupported_trt_ops(lean)
+    if entry["trt_unsupported_ops"]:
+        message = f"{file}: ops not in TensorRT's ONNX parser list: {', '.join(entry['trt_unsupported_ops'])}"
+        log.warning(message)
+        warnings.append(message)
+    return entry
+
+
+def _manifest_facts(components: SDComponents, opts: ExportOptions) -> dict[str, Any]:
+    """The manifest fields that come from the torch side (read before the models are freed)."""
+    vae_config: Any = components.vae.config  # type: ignore[attr-defined]
+    projection = components.text_projection
+    return {
+        "source": {**components.source, "projection": str(opts.projection) if opts.projection else None},
+        "hidden_size": components.hidden_size,
+        "projection_dim": None if projection is None else int(projection.shape[0]),
+        "latent_channels": LATENT_CHANNELS,
+        "vae_scale_factor": 2 ** (len(vae_config.block_out_channels) - 1),
+        "vae_scaling": float(vae_config.scaling_factor),
+        "sample_size": int(components.unet.config.sample_size),  # type: ignore[attr-defined]
+        # The traced UNet has no odd-size upsampling path: latents must divide by its total downsampling.
+        "latent_multiple": 2 ** (len(components.unet.config.block_out_channels) - 1),  # type: ignore[attr-defined]
+        "scheduler": dict(components.scheduler_config),
+    }
+
+
+def _trace_all(
+    components: SDComponents, opts: ExportOptions, models: list[str], staging: Path, progress: Progress
+) -> dict[str, Any] | None:
+    """Trace every model to `staging/raw/<name>/<name>.onnx`; returns the deprojector's manifest entry.
+
+    The deprojector's PyTorch weights are also saved (`deprojector_checkpoint/`), so the bundle
+    carries the exact module its ONNX graph came from (for reference comparisons, re-export).
+    """
+    deprojector_entry = None
+    for name in models:
+        with progress.stage(f"trace {name}"):
+            deprojector = None
+            if name == "deprojector":
+                built = deprojector_module(components, opts.deprojector)
+                assert built is not None, "models excludes the deprojector for --deprojector none"
+                deprojector, deprojector_entry = built
+                save_deprojector(deprojector, staging / DEPROJECTOR_DIR)
+                deprojector_entry["dir"] = DEPROJECTOR_DIR
+            module = torch_module(name, components, deprojector)
+            spec = model_spec(name, components)
+            raw = staging / "raw" / name / f"{name}.onnx"
+            export_onnx(module, example_inputs(name, components.hidden_size), spec, raw)
+            del module, deprojector
+    return deprojector_entry
+
+
+def _convert(
+    name: str, raw: Path, precisions: tuple[str, ...], staging: Path, progress: Progress, warnings: list[str]
+) -> dict[str, Any]:
+    """Clean up the raw trace and write each precision; returns the model's `files` entry."""
+    files: dict[str, Any] = {}
+    with progress.stage(f"clean {name}"):
+        lean = graph.cleanup(onnx_io.load_lean(raw))
+    if "fp32" in precisions:
+        with progress.stage(f"write {name} fp32"):
+            files["fp32"] = _write_precision(lean, staging, f"{name}.onnx", warnings)
+    if "fp16" in precisions:
+        with progress.stage(f"fp16 {name}"):
+            lean16 = fp16.to_fp16(lean)
+        with progress.stage(f"write {name} fp16"):
+            files["fp16"] = _write_precision(lean16, staging, f"{name}.fp16.onnx", warnings)
+    return files
+
+
+def export_bundle(opts: ExportOptions) -> ExportResult:
+    """Export (or reuse) the bundle described by `opts`; see the module docstring for the stages."""
+    start = time.perf_counter()
+    fp = fingerprint(opts)
+    reason = "--force"
+    if not opts.force:
+        reused, reason = reusable(opts.out, fp)
+        if reused is not None:
+            log.info("reusing bundle %s: %s", opts.out, reason)
+            return ExportResult(opts.out, True, reason, reused, seconds=time.perf_counter() - start)
+        log.info("exporting bundle %s: %s", opts.out, reason)
+    precisions = PRECISION_CHOICES[opts.precision]
+    models = [n for n in MODEL_NAMES if n != "deprojector" or opts.deprojector != "none"]
+    stages_per_model = 2 + len(precisions) + ("fp16" in precisions)  # trace, clean, writes, fp16
+    progress = Progress(total=3 + len(models) * stages_per_model)
+    warnings: list[str] = []
+    try:
+        with Staging(opts.out) as staging:
+            with progress.stage("load model"):
+                components = load_model(opts.model, opts.seed, opts.projection)
+            with progress.stage("tokenizer"):
+                tokenizer = _write_tokenizer(components, staging.dir / TOKENIZER_DIR)
+            facts = _manifest_facts(components, opts)
+            specs = {name: model_spec(name, components) for name in models}
+            raw_dir = staging.dir / "raw"
+            deprojector_entry = _trace_all(components, opts, models, staging.dir, progress)
+            del components  # every later stage works on ONNX files
+            release_memory()
+
+            entries: dict[str, Any] = {}
+            for name in models:
+                files = _convert(
+                    name, raw_dir / name / f"{name}.onnx", precisions, staging.dir, progress, warnings
+                )
+                shutil.rmtree(raw_dir / name)
+                release_memory()
+                dims = dim_ranges(name, facts["sample_size"])
+                entries[name] = model_entry(specs[name], dims, OPSET, files)
+
+            with progress.stage("manifest"):
+                tokenizer["files"] = dir_entry(staging.dir, TOKENIZER_DIR)
+                if deprojector_entry is not None:
+                    deprojector_entry["files"] = dir_entry(staging.dir, DEPROJECTOR_DIR)
+                manifest = {
+                    "format": FORMAT,
+                    "format_version": FORMAT_VERSION,
+                    "packages": fp["packages"],
+                    **facts,
+                    "tokenizer": tokenizer,
+                    "deprojector": deprojector_entry,
+                    "models": entries,
+                    "warnings": warnings,
+                    "export": {
+                        "fingerprint": fp,
+                        "precisions": list(precisions),
+                        "stages": progress.as_json(),
+                        "seconds": round(time.perf_counter() - start, 2),
+                        "peak_rss_bytes": progress.peak_rss_bytes,
+                    },
+                }
+                staging.commit(manifest)
+    finally:
+        progress.close()
+    return ExportResult(
+        opts.out,
+        False,
+        reason,
+        manifest,
+        progress.records,
+        time.perf_counter() - start,
+        progress.peak_rss_bytes,
+    )

@@ -1,0 +1,275 @@
+"""`python scripts/compare.py --bundle DIR ...`: the runtime against PyTorch, accuracy and speed.
+
+Exit codes: 0 every check passed, 1 a check failed, 2 bad arguments or an unusable bundle /
+backend, 3 an unexpected error while comparing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from export.compare.settings import Settings, UsageError
+from export.compare.thresholds import DEFAULTS, Thresholds
+from runtime.backends.trt_manifest import PRECISION as TRT_PRECISION
+from runtime.bundle import PRECISIONS, Bundle, BundleError
+
+BACKEND_MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+# Ancestral samplers draw fresh noise every step from each side's own RNG: the runs could not match.
+DETERMINISTIC_SCHEDULERS = ("pndm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")
+MODES = ("standard", "deproject", "compose")
+PRESETS = ("tiny", "sd15")
+MAX_STEPS = 1000
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like 512x512 (WIDTHxHEIGHT); got {text!r}") from None
+    return width, height
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
+def _gate(low: float, high: float) -> Any:
+    """A threshold value in [low, high], or "none" to turn that gate off."""
+
+    def parse(text: str) -> float | None:
+        if text.lower() == "none":
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number or 'none'; got {text!r}") from None
+        if not (math.isfinite(value) and low <= value <= high):
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {high:g} (or 'none'); got {text!r}")
+        return value
+
+    return parse
+
+
+GATES = {  # option -> (Thresholds field, component or None, range)
+    "min_cosine": ("min_cosine", None, (-1.0, 1.0)),
+    "max_abs_clip": ("max_abs", "clip", (0.0, math.inf)),
+    "max_abs_deprojector": ("max_abs", "deprojector", (0.0, math.inf)),
+    "max_abs_unet": ("max_abs", "unet", (0.0, math.inf)),
+    "max_abs_vae": ("max_abs", "vae_decoder", (0.0, math.inf)),
+    "max_pixel_diff": ("max_pixel_diff", None, (0.0, 255.0)),
+    "min_psnr": ("min_psnr", None, (0.0, math.inf)),
+    "min_ssim": ("min_ssim", None, (-1.0, 1.0)),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python scripts/compare.py",
+        description="Compare the runtime (a bundle on a backend) with PyTorch: accuracy per component and "
+        "end to end, speed and peak memory; writes report.md, report.json and PNG figures.",
+        epilog="Gates default per precision (see export/compare/thresholds.py); pass 'none' to turn one off. "
+        "Exit codes: 0 pass, 1 a check failed, 2 bad arguments, 3 unexpected error.",
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory from `python -m export`")
+    p.add_argument(
+        "--model", help="PyTorch side: tiny, sd15 or a diffusers folder (default: the bundle's source)"
+    )
+    p.add_argument("--backend", choices=tuple(BACKEND_MODULES), default="onnxruntime")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="bundle precision the runtime loads (default: fp32 on onnxruntime, fp16 on tensorrt)",
+    )
+    p.add_argument("--size", type=_size, help="WIDTHxHEIGHT in pixels (default: the bundle's preferred size)")
+    p.add_argument("--steps", type=_positive, default=20, help="denoising steps (default 20)")
+    p.add_argument("--runs", type=_positive, default=5, help="timed runs after one warm-up (default 5)")
+    p.add_argument(
+        "--out", type=Path, default=Path("out/compare"), help="report folder (default out/compare)"
+    )
+    p.add_argument("--prompt", default="a photo of a cat maid, watercolor")
+    p.add_argument("--negative", default="blurry")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial latents (default 0)")
+    p.add_argument("--scheduler", choices=DETERMINISTIC_SCHEDULERS, default="pndm")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument(
+        "--mode", choices=MODES, default="standard", help="how the prompt conditions the UNet end to end"
+    )
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=os.cpu_count() or 1,
+        help="intra-op threads for PyTorch and ONNX Runtime alike (default: all cores)",
+    )
+    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the PyTorch bf16 timings")
+    gates = p.add_argument_group("thresholds (default per --precision; 'none' turns a gate off)")
+    for option, (_, component, (low, high)) in GATES.items():
+        what = f"{component} " if component else ""
+        gates.add_argument(
+            f"--{option.replace('_', '-')}",
+            type=_gate(low, high),
+            default=argparse.SUPPRESS,
+            metavar="X",
+            help=f"{what}{option.split('_', 1)[0]} gate",
+        )
+    return p
+
+
+def thresholds_from(args: argparse.Namespace, precision: str) -> Thresholds:
+    """The precision's defaults, overridden by any gate given on the command line."""
+    t = DEFAULTS[precision]
+    max_abs = dict(t.max_abs)
+    for option, (field, component, _) in GATES.items():
+        if option not in vars(args):
+            continue
+        value = getattr(args, option)
+        if component is not None:
+            max_abs[component] = value
+        else:
+            t = replace(t, **{field: value})
+    return replace(t, max_abs=max_abs)
+
+
+def _model_source(manifest: dict[str, Any], model: str | None) -> tuple[str, int, str | None]:
+    """(model, preset seed, projection) for the PyTorch side; default: what the bundle was built from."""
+    source = manifest.get("source", {})
+    projection = source.get("projection")
+    if model is None:
+        if source.get("kind") == "preset":
+            return source["preset"], int(source.get("seed", 0)), projection
+        if source.get("kind") == "diffusers_folder":
+            return source["path"], 0, projection
+        raise UsageError("the bundle's manifest does not name its source model: pass --model")
+    if model not in PRESETS and not Path(model).is_dir():
+        raise UsageError(f"--model must be one of {', '.join(PRESETS)} or a diffusers folder; got {model!r}")
+    seed = int(source.get("seed", 0)) if source.get("preset") == model else 0
+    return model, seed, projection
+
+
+def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
+    """Validate everything that can be checked before a model loads; UsageError names the flag."""
+    try:
+        bundle = Bundle.open(args.bundle)
+    except (BundleError, OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"--bundle: {exc}") from None
+    precision = args.precision or (TRT_PRECISION if args.backend == "tensorrt" else "fp32")
+    if args.backend == "tensorrt" and precision != TRT_PRECISION:
+        raise UsageError(f"--precision: TensorRT engines are built in {TRT_PRECISION} only; got {precision}")
+    for name, entry in bundle.models.items():
+        if precision not in entry.files:
+            raise UsageError(
+                f"--precision {precision}: the bundle has {name} only in {', '.join(entry.files)}"
+            )
+    if importlib.util.find_spec(BACKEND_MODULES[args.backend]) is None:
+        raise UsageError(
+            f"--backend {args.backend}: the {BACKEND_MODULES[args.backend]} package is not installed"
+        )
+    h_range, w_range = bundle.image_size_range()
+    width, height = args.size if args.size else (w_range.opt, h_range.opt)
+    factor = bundle.vae_scale_factor
+    for name, value, r in (("width", width, w_range), ("height", height, h_range)):
+        if value % factor or not r.min <= value <= r.max:
+            raise UsageError(
+                f"--size: {name} must be a multiple of {factor} from {r.min} to {r.max}; got {value}"
+            )
+    if args.steps > MAX_STEPS:
+        raise UsageError(f"--steps must be from 1 to {MAX_STEPS}; got {args.steps}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise UsageError(f"--guidance must be a finite number >= 0; got {args.guidance}")
+    if not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must be from 0 to 2**63-1; got {args.seed}")
+    if args.mode != "standard" and not bundle.has_deprojector:
+        raise UsageError(f"--mode {args.mode} needs a bundle with a deprojector; {bundle.root} has none")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out must be a directory; {str(args.out)!r} is a file")
+    model, seed_weights, projection = _model_source(bundle.manifest, args.model)
+    s = Settings(
+        bundle=bundle.root.resolve(),
+        model=model,
+        seed_weights=seed_weights,
+        projection=projection,
+        backend=args.backend,
+        precision=precision,
+        width=width,
+        height=height,
+        steps=args.steps,
+        runs=args.runs,
+        prompt=args.prompt,
+        negative=args.negative,
+        seed=args.seed,
+        scheduler=args.scheduler,
+        guidance=args.guidance,
+        mode=args.mode,
+        threads=args.threads,
+        bf16=args.bf16,
+        out=args.out.resolve(),
+    )
+    return s, bundle
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)  # exits 2 with a message on malformed flags
+    try:
+        s, bundle = settings_from(args)
+        thresholds = thresholds_from(args, s.precision)
+        from export.compare.run import compare  # imports torch: after the cheap checks
+
+        report = compare(s, bundle, thresholds)
+    except UsageError as exc:
+        p.print_usage(sys.stderr)
+        print(f"{p.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        import traceback
+
+        traceback.print_exc()
+        print(f"{p.prog}: unexpected error: {exc}", file=sys.stderr)
+        return 3
+    from export.compare import report as report_mod
+
+    json_path, md_path = report_mod.write(report, s.out)
+    _summary(report)
+    print(f"wrote {md_path} and {json_path}")
+    return 0 if report["passed"] else 1
+
+
+def _summary(r: dict[str, Any]) -> None:
+    """A few lines on stdout: verdict, worst component, image and speed ratios."""
+    e2e = r["speed"]["end_to_end"]
+    image = r["accuracy"]["end_to_end"]["image"]
+    failed = [c for c in r["checks"] if not c["passed"]]
+    passed = len(r["checks"]) - len(failed)
+    print(f"result: {'PASS' if r['passed'] else 'FAIL'} ({passed}/{len(r['checks'])} checks)")
+    for c in failed:
+        print(f"  failed: {c['name']} = {c['value']:.6g} (gate {c['op']} {c['limit']:.6g})")
+    for component, outputs in r["accuracy"]["components"].items():
+        worst = max(outputs.values(), key=lambda m: m["max_abs"])
+        cosine = min(m.get("min_position_cosine", m["cosine"]) for m in outputs.values())
+        print(f"  {component:<12} max abs {worst['max_abs']:.3g}  cosine {cosine:.8f}")
+    print(
+        f"  image        max pixel diff {image['max_pixel_diff']}/255  PSNR {image['psnr_db']:.4g} dB  "
+        f"SSIM {image['ssim']:.6f}"
+    )
+    ratios = [f"{e2e['speedup_vs_fp32']:.2f}x vs PyTorch fp32"]
+    if e2e["speedup_vs_bf16"] is not None:
+        ratios.append(f"{e2e['speedup_vs_bf16']:.2f}x vs PyTorch bf16")
+    median = e2e["runtime"]["total"]["median_s"]
+    print(f"  speed        runtime end to end {median:.3f} s median: {', '.join(ratios)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

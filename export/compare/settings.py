@@ -1,0 +1,53 @@
+"""What one comparison asks for. Both processes read it, so it is plain data with a JSON form."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+COMPONENTS = ("clip", "deprojector", "unet", "vae_decoder")
+STAGES = ("text", "denoise", "decode")  # end-to-end stages, as runtime.pipeline.Result.timings names them
+
+
+class UsageError(ValueError):
+    """Bad arguments or an unusable bundle / model / backend combination: exit code 2."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    bundle: Path
+    model: str  # preset name or diffusers folder the PyTorch side loads
+    seed_weights: int  # weight seed of a preset (ignored for folders)
+    projection: str | None  # text_projection source of a folder model, from the manifest
+    backend: str
+    precision: str
+    width: int
+    height: int
+    steps: int
+    runs: int
+    prompt: str
+    negative: str
+    seed: int  # initial-latent seed
+    scheduler: str
+    guidance: float
+    mode: str
+    threads: int
+    bf16: bool  # also time PyTorch under bfloat16 autocast
+    out: Path
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Settings:
+        return cls(**{**d, "bundle": Path(d["bundle"]), "out": Path(d["out"])})
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=2))
+
+    @classmethod
+    def read(cls, path: Path) -> Settings:
+        return cls.from_json(json.loads(path.read_text()))

@@ -1,0 +1,114 @@
+"""The runtime side of a comparison, run as `python -m export.compare.worker JOB_DIR`.
+
+A child process, so its peak RSS is the runtime's alone (the parent holds PyTorch and its
+weights) and so the numbers show what a torch-free deployment costs. It reads JOB_DIR/settings.json
+and inputs.npz (the very arrays the PyTorch side used), and writes outputs.npz and result.json:
+per-component outputs and timings, the end-to-end image, per-step latents and stage timings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+
+from export.compare.settings import COMPONENTS, STAGES, Settings
+from export.compare.timing import Stats, peak_rss_bytes, reset_peak_rss, rss_bytes, time_runs
+from runtime.backends import open_backend
+from runtime.bundle import Bundle
+from runtime.options import GenerateOptions
+from runtime.pipeline import Pipeline
+
+
+def generate_options(s: Settings, latents: np.ndarray) -> GenerateOptions:
+    """The runtime request matching the PyTorch run (same latents, scheduler, guidance, mode)."""
+    return GenerateOptions(
+        prompts=(s.prompt,),
+        negative_prompts=(s.negative,),
+        steps=s.steps,
+        guidance=s.guidance,
+        seed=s.seed,
+        height=s.height,
+        width=s.width,
+        scheduler=s.scheduler,
+        mode=s.mode,
+        latents=latents,
+    )
+
+
+def run(job: Path) -> dict[str, Any]:
+    s = Settings.read(job / "settings.json")
+    inputs = dict(np.load(job / "inputs.npz"))
+    bundle = Bundle.open(s.bundle)
+    backend = open_backend(s.backend, bundle, precision=s.precision, threads=s.threads)
+    baseline = rss_bytes()  # interpreter, numpy, engine library; no model loaded yet
+    peak_tracked = reset_peak_rss()
+    outputs: dict[str, np.ndarray] = {}
+    components: dict[str, Any] = {}
+    for name in COMPONENTS:
+        feeds = {k.split("/", 1)[1]: v for k, v in inputs.items() if k.startswith(f"{name}/")}
+        if not feeds:
+            continue
+        start = time.perf_counter()
+        out = backend.run(name, feeds)  # first call: session / engine load, doubles as the warm-up
+        cold = time.perf_counter() - start
+        outputs.update({f"{name}/{k}": v for k, v in out.items()})
+        stats = time_runs(partial(backend.run, name, feeds), s.runs)
+        components[name] = {"cold_s": cold, **stats.to_json()}
+
+    pipeline = Pipeline(bundle, backend)
+    options = generate_options(s, inputs["e2e/latents"])
+    steps: list[np.ndarray] = []
+    timesteps: list[float] = []
+
+    def capture(i: int, t: float, x: np.ndarray) -> None:
+        steps.append(x.copy())
+        timesteps.append(t)
+
+    result = pipeline.generate(options, on_step=capture)  # the accuracy run, also the warm-up
+    outputs["e2e/image"] = result.images[0]
+    outputs["e2e/steps"] = np.stack(steps)
+    outputs["e2e/timesteps"] = np.asarray(timesteps, dtype=np.float64)
+    totals: list[float] = []
+    stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for _ in range(s.runs):
+        start = time.perf_counter()
+        timed = pipeline.generate(options)
+        totals.append(time.perf_counter() - start)
+        for stage in STAGES:
+            stages[stage].append(timed.timings.get(stage, 0.0))
+    np.savez(job / "outputs.npz", **cast(dict[str, Any], outputs))
+    return {
+        "components": components,
+        "e2e": {
+            "total": Stats(tuple(totals)).to_json(),
+            "stages": {k: Stats(tuple(v)).to_json() for k, v in stages.items()},
+        },
+        "rss": {"baseline_bytes": baseline, "peak_bytes": peak_rss_bytes(), "peak_reset": peak_tracked},
+        "torch_imported": "torch" in sys.modules,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    job = Path(args[0])
+    try:
+        result = run(job)
+    except Exception as exc:  # reported to the parent, which decides the exit code
+        result = {
+            "error": {"type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
+        }
+        (job / "result.json").write_text(json.dumps(result, indent=2))
+        return 1
+    (job / "result.json").write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

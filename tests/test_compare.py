@@ -1,0 +1,213 @@
+"""scripts/compare.py on the tiny bundle: the report's numbers are the ones an independent
+computation gets, an impossible gate flips the exit code to 1, and bad arguments exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from export.compare.cli import main
+from export.models import build_preset
+from export.onnx_export import ClipWrapper
+from export.reference import ReferencePipeline
+from runtime.backends import open_backend
+from runtime.bundle import Bundle
+from runtime.options import GenerateOptions
+from runtime.pipeline import Pipeline
+
+SIZE, STEPS, SEED = 64, 3, 5
+PROMPT, NEGATIVE = "a photo of a cat", "blurry"
+FAST = [
+    "--size",
+    f"{SIZE}x{SIZE}",
+    "--steps",
+    str(STEPS),
+    "--seed",
+    str(SEED),
+    "--prompt",
+    PROMPT,
+    "--negative",
+    NEGATIVE,
+    "--scheduler",
+    "ddim",
+    "--threads",
+    "2",
+]
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, Path]:
+    out = tmp_path_factory.mktemp("compare")
+    code = main(["--bundle", str(tiny_bundle), "--out", str(out), "--runs", "2", *FAST])
+    return code, json.loads((out / "report.json").read_text()), out
+
+
+def test_report_is_written_and_passes(compared):
+    code, report, out = compared
+    assert code == 0 and report["passed"]
+    for name in (
+        "report.md",
+        "report.json",
+        "image_grid.png",
+        "latent_drift.png",
+        "stage_times.png",
+        "deprojector_positions.png",
+        "pytorch.png",
+        "runtime.png",
+    ):
+        assert (out / name).is_file(), name
+    markdown = (out / "report.md").read_text()
+    assert "Result: **PASS**" in markdown and "random weights" in markdown
+    assert report["accuracy"]["end_to_end"]["clip_score"] == {"status": "n/a (no vision tower)"}
+    assert "n/a (no vision tower)" in markdown
+    assert report["memory"]["runtime_imported_torch"] is False
+    dep = report["accuracy"]["components"]["deprojector"]["hidden_states"]
+    assert len(dep["per_position_cosine"]) == len(dep["per_position_max_abs"]) == 77
+    drift = report["accuracy"]["end_to_end"]["latent_drift"]
+    assert len(drift["max_abs"]) == len(drift["timesteps"]) == STEPS
+    speed = report["speed"]
+    for impl in ("pytorch_fp32", "pytorch_bf16", "runtime"):
+        assert speed["end_to_end"][impl]["total"]["runs"] == 2
+    e2e = speed["end_to_end"]
+    assert e2e["speedup_vs_fp32"] == pytest.approx(
+        e2e["pytorch_fp32"]["total"]["median_s"] / e2e["runtime"]["total"]["median_s"]
+    )
+
+
+def test_component_numbers_match_an_independent_computation(compared, tiny_bundle):
+    """CLIP through the transformers tokenizer + PyTorch wrapper vs ONNX Runtime, recomputed here."""
+    _, report, _ = compared
+    components = build_preset("tiny")
+    ids = components.tokenizer()(
+        [NEGATIVE, PROMPT], padding="max_length", max_length=77, return_tensors="pt"
+    ).input_ids
+    with torch.no_grad():
+        want = ClipWrapper(components.text_encoder, components.text_projection)(ids)[0].numpy()
+    backend = open_backend("onnxruntime", Bundle.open(tiny_bundle), threads=2)
+    got = backend.run("clip", {"input_ids": ids.numpy().astype(np.int32)})["last_hidden_state"]
+    a, b = got.astype(np.float64).reshape(2, -1), want.astype(np.float64).reshape(2, -1)
+    cosine = min((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    reported = report["accuracy"]["components"]["clip"]["last_hidden_state"]
+    assert reported["max_abs"] == pytest.approx(np.abs(a - b).max(), rel=1e-6)
+    assert reported["mean_abs"] == pytest.approx(np.abs(a - b).mean(), rel=1e-6)
+    assert reported["cosine"] == pytest.approx(cosine, abs=1e-12)
+
+
+def test_image_numbers_match_an_independent_run(compared, tiny_bundle):
+    """diffusers (ReferencePipeline) and the runtime from the same latents, metrics by skimage here."""
+    _, report, out = compared
+    latents = np.random.default_rng(SEED).standard_normal((1, 4, SIZE // 8, SIZE // 8), dtype=np.float32)
+    theirs = ReferencePipeline(build_preset("tiny")).generate(
+        PROMPT,
+        NEGATIVE,
+        steps=STEPS,
+        height=SIZE,
+        width=SIZE,
+        scheduler="ddim",
+        latents=torch.from_numpy(latents),
+    )
+    theirs = (theirs[0] * 255).round().astype(np.uint8)
+    ours = (
+        Pipeline(tiny_bundle, threads=2)
+        .generate(
+            GenerateOptions(
+                prompts=(PROMPT,),
+                negative_prompts=(NEGATIVE,),
+                steps=STEPS,
+                height=SIZE,
+                width=SIZE,
+                scheduler="ddim",
+                latents=latents,
+            )
+        )
+        .images[0]
+    )
+    from PIL import Image
+
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "runtime.png")), ours)
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "pytorch.png")), theirs)
+    image = report["accuracy"]["end_to_end"]["image"]
+    assert image["max_pixel_diff"] == np.abs(ours.astype(int) - theirs).max()
+    if (ours == theirs).all():
+        assert image["psnr_db"] == "inf"  # report.json writes infinite PSNR as a string
+    else:
+        assert image["psnr_db"] == pytest.approx(peak_signal_noise_ratio(theirs, ours, data_range=255))
+    assert image["ssim"] == pytest.approx(
+        structural_similarity(theirs, ours, channel_axis=-1, data_range=255)
+    )
+
+
+def test_impossible_gate_exits_1(tiny_bundle, tmp_path):
+    code = main(
+        [
+            "--bundle",
+            str(tiny_bundle),
+            "--out",
+            str(tmp_path),
+            "--runs",
+            "1",
+            "--no-bf16",
+            "--max-abs-unet",
+            "0",
+            *FAST,
+        ]
+    )
+    report = json.loads((tmp_path / "report.json").read_text())
+    failed = [c["name"] for c in report["checks"] if not c["passed"]]
+    assert code == 1 and not report["passed"] and failed == ["unet.noise_pred max abs"]
+    assert "**FAIL**" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bundle", "{missing}"], "no manifest.json"),
+        (["--size", "100x100"], "multiple of 8"),
+        (["--size", "big"], "WIDTHxHEIGHT"),
+        (["--runs", "0"], "must be >= 1"),
+        (["--min-cosine", "2"], "from -1 to 1"),
+        (["--scheduler", "euler_a"], "invalid choice"),
+        (["--max-abs-unet", "-1"], "from 0 to inf"),
+    ],
+)
+def test_bad_arguments_exit_2(tiny_bundle, tmp_path, capsys, args, message):
+    args = [a.replace("{missing}", str(tmp_path / "nope")) for a in args]
+    base = [] if "--bundle" in args else ["--bundle", str(tiny_bundle)]
+    with pytest.raises(SystemExit) as exit_info:
+        raise SystemExit(main([*base, *args, "--out", str(tmp_path / "out")]))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_clip_score_uses_a_vision_tower_when_there_is_one(tmp_path):
+    """The CLIP-score path on a tiny random vision tower: 100 x cosine of image and text embeddings."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from export.compare.torch_ref import clip_pixels, clip_scores, vision_tower
+
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=16,
+    )
+    CLIPVisionModelWithProjection(config).eval().save_pretrained(tmp_path / "image_encoder")
+    embed, size, source = vision_tower(str(tmp_path))
+    assert embed is not None and size == 32 and source == "image_encoder/"
+    images = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(2)]
+    text = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
+    scores = clip_scores(embed, size, images, text)
+    with torch.no_grad():
+        image_embeds = embed(clip_pixels(images, size))
+    want = 100 * torch.nn.functional.cosine_similarity(image_embeds.double(), text.double(), dim=-1)
+    assert clip_pixels(images, size).shape == (2, 3, 32, 32)
+    assert scores == pytest.approx(want.tolist())
+    assert vision_tower(str(tmp_path / "missing"))[2] == "n/a (no vision tower)"
