@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engines.cache import FLAGS, BuildJob, save_manifest, write_atomic
+from engines.cache import FLAGS, BuildJob, save_manifest
 from runtime.backends.tensorrt import make_logger
 from runtime.backends.trt_manifest import EngineEntry, GpuEnvironment
 from runtime.backends.trt_shapes import input_ranges
 from runtime.bundle import Bundle
+from runtime.files import write_atomic
 
 if TYPE_CHECKING:
     import tensorrt as trt

@@ -8,9 +8,6 @@ a half-written plan or manifest behind.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +26,7 @@ from runtime.backends.trt_manifest import (
 )
 from runtime.backends.trt_shapes import Profile
 from runtime.bundle import Bundle
+from runtime.files import sha256_file, write_atomic
 
 FLAGS = {"precision": PRECISION, "strongly_typed": True}  # what TensorRT 11 builds, set explicitly on 10
 
@@ -43,29 +41,6 @@ class BuildJob:
     settings: dict[str, Any]  # opt_level, workspace_gb
     key: str
     reason: str  # why it is built: "new", or what made the old engine stale
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes | memoryview | str) -> None:
-    """Write to a temp file beside `path`, fsync, then rename over it."""
-    payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_manifest(engine_dir: Path, entries: dict[str, EngineEntry]) -> None:

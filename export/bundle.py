@@ -21,6 +21,7 @@ from types import TracebackType
 from typing import Any
 
 from runtime.bundle import FORMAT, FORMAT_VERSION, Bundle, BundleError
+from runtime.files import sha256_file, write_atomic
 from runtime.specs import ModelSpec, TensorSpec
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,6 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[name] = None
     return versions
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _files_under(path: Path) -> list[Path]:
@@ -168,20 +161,6 @@ def reusable(root: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, Any] | 
     return manifest, "same inputs, sha256 verified"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a bundle is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _remove_orphaned_staging(root: Path) -> None:
     """Delete staging directories left by an export that was killed (its process is gone)."""
     for path in root.glob(f"{_STAGING_PREFIX}*-*"):
@@ -194,12 +173,6 @@ def _remove_orphaned_staging(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
         except PermissionError:  # alive, owned by someone else
             pass
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class Staging:
@@ -240,4 +213,4 @@ class Staging:
         for name in manifest_files(old or {}):
             if name not in new_files and not name.startswith(in_dirs):
                 (self.root / name).unlink(missing_ok=True)
-        _write_atomic(self.root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_atomic(self.root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from engines.build import EngineBuildError, network_flags
-from engines.cache import FLAGS, plan_jobs, rebuild_reason, save_manifest, sha256_file, write_atomic
+from engines.cache import FLAGS, plan_jobs, rebuild_reason, save_manifest
 from engines.cli import main, parse_args
 from engines.profiles import (
     ProfileRequest,
@@ -47,6 +47,7 @@ from runtime.backends.trt_shapes import (
     request_dims,
 )
 from runtime.bundle import Bundle, DimRange
+from runtime.files import sha256_file, write_atomic
 from runtime.specs import clip_spec, deprojector_spec, unet_spec, vae_decoder_spec
 
 ENV = GpuEnvironment("10.13.0.35", "12.8", "12.9", "NVIDIA L4", "8.9")
@@ -325,7 +326,7 @@ def test_write_atomic_never_leaves_partial_files(tmp_path, monkeypatch):
     def disk_full(fd: int) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("engines.cache.os.fsync", disk_full)
+    monkeypatch.setattr("runtime.files.os.fsync", disk_full)
     with pytest.raises(OSError, match="disk full"):
         write_atomic(target, b"new plan")
     assert target.read_bytes() == b"old"

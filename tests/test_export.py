@@ -31,11 +31,12 @@ from export.build import (
     fingerprint,
     torch_module,
 )
-from export.bundle import MANIFEST, Staging, reusable, sha256_file
+from export.bundle import MANIFEST, Staging, reusable
 from export.deprojector import load_deprojector, save_deprojector
 from export.models import load_model, save_diffusers_folder
 from export.onnx_export import example_ids
 from runtime.bundle import Bundle
+from runtime.files import sha256_file
 from runtime.specs import clip_spec, deprojector_spec, unet_spec, vae_decoder_spec
 
 HIDDEN = 64  # tiny preset

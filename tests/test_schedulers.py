@@ -17,24 +17,13 @@ import numpy as np
 import pytest
 import torch
 
+from export.models import SD15_SCHEDULER
 from runtime.schedulers import SCHEDULERS, Scheduler, SchedulerConfig, make_scheduler
 from runtime.schedulers.base import alphas_cumprod
 
 SHAPE = (1, 4, 8, 8)
 
-SD15: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
+SD15: dict[str, Any] = SD15_SCHEDULER  # the SD 1.5 scheduler_config.json
 # The SD 1.5 hub config predates `timestep_spacing`: each diffusers class then uses its own default.
 SD15_LEGACY = {k: v for k, v in SD15.items() if k not in ("timestep_spacing", "prediction_type")}
 CONFIGS: dict[str, dict[str, Any]] = {
