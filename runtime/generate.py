@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from runtime.backends import BACKENDS, BackendError
 from runtime.bundle import PRECISIONS, BundleError
-from runtime.image import parameters_text, save_png
+from runtime.image import infotext, save_png
 from runtime.options import COMPOSE_MODES, DEFAULT_SEED, GenerateOptions
 from runtime.pipeline import Pipeline
 from runtime.schedulers import SCHEDULERS
@@ -125,25 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BundleError, BackendError) as exc:
         log.error("error: %s", exc)
         return 2
-    o = result.options
     paths = _out_paths(args.out, len(result.images))
-    for k, (image, path, seed) in enumerate(zip(result.images, paths, result.seeds, strict=True)):
-        prompt_index = k // o.num_images
-        negatives = o.negative_prompts
-        negative = negatives[0] if len(negatives) == 1 else (negatives[prompt_index] if negatives else "")
-        settings = {
-            "Steps": o.steps,
-            "Sampler": o.scheduler,
-            "CFG scale": o.guidance,
-            "Seed": seed,
-            "Size": f"{o.width}x{o.height}",
-            "Mode": o.mode,
-            "Backend": f"{args.backend}/{pipeline.backend.precision}",
-            "Model": args.bundle.resolve().name,
-        }
-        if o.mode == "compose":
-            settings.update({"Compose": o.compose_mode, "Normalize": o.normalize})
-        save_png(image, path, parameters_text(o.prompts[prompt_index], negative, settings))
+    model = args.bundle.resolve().name
+    for k, (image, path) in enumerate(zip(result.images, paths, strict=True)):
+        save_png(image, path, infotext(result, k, args.backend, pipeline.backend.precision, model))
         log.info("wrote %s", path)
     timings = {"load": load_s, **result.timings}
     log.info("%-8s %8s", "stage", "seconds")

@@ -12,7 +12,7 @@ class Block:
         if name.split('.')[0] in {'torch', 'diffusers', 'transformers'}:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
-import runtime.pipeline, runtime.generate, runtime.backends.onnxruntime, runtime.compose
+import runtime.pipeline, runtime.generate, runtime.backends.onnxruntime, runtime.compose, runtime.serve
 import runtime.schedulers
 assert not any(m.split('.')[0] in {'torch', 'diffusers', 'transformers'} for m in sys.modules)
 print('ok')

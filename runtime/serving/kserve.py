@@ -1,0 +1,225 @@
+"""Triton / KServe v2 HTTP inference protocol, so `tritonclient.http` (and other v2 clients) work.
+
+One model (default name "sdrt", version "1"). Inputs: `prompt` BYTES [1] (required), optional
+one-element `negative_prompt`, `scheduler`, `mode`, `compose_mode`, `long_prompt` (BYTES),
+`steps`, `seed`, `width`, `height`, `num_images` (any INT/UINT type), `guidance` (FP16/32/64),
+`normalize` (BOOL). Outputs: `image` UINT8 [N, H, W, 3], `seed` INT64 [N] and `parameters`
+BYTES [N] (each image's A1111 text, as in its PNG). Request parameter `timeout` (microseconds,
+Triton's unit) shortens the deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+
+from runtime.image import infotext
+from runtime.options import GenerateOptions
+from runtime.pipeline import Result
+from runtime.serving.dispatch import generate, prepare, request_timeout
+from runtime.serving.engine import Engine
+from runtime.serving.kserve_codec import (
+    HEADER_LENGTH,
+    CodecError,
+    InferRequest,
+    InferTensor,
+    Output,
+    Tensor,
+    decode_request,
+    encode_response,
+)
+from runtime.serving.limits import Limits
+
+VERSION = "1"
+_STRINGS = ("prompt", "negative_prompt", "scheduler", "mode", "compose_mode", "long_prompt")
+_INTS = ("steps", "seed", "width", "height", "num_images")
+INPUTS = {
+    **{name: "BYTES" for name in _STRINGS},
+    **{name: "INT32" for name in _INTS},
+    "seed": "INT64",
+    "guidance": "FP32",
+    "normalize": "BOOL",
+}  # name -> the datatype the metadata advertises (other widths of the same kind are accepted)
+OUTPUTS = {"image": ("UINT8", [-1, -1, -1, 3]), "seed": ("INT64", [-1]), "parameters": ("BYTES", [-1])}
+_EXAMPLE = {
+    "inputs": [
+        {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat maid, watercolor"]},
+        {"name": "steps", "shape": [1], "datatype": "INT32", "data": [20]},
+        {"name": "guidance", "shape": [1], "datatype": "FP32", "data": [7.5]},
+        {"name": "seed", "shape": [1], "datatype": "INT64", "data": [1]},
+    ],
+    "outputs": [{"name": "image", "parameters": {"binary_data": True}}],
+}
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """pydantic's `$defs` refs inlined: OpenAPI resolves `#/$defs/...` against the whole document."""
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return walk(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return dict(walk(schema))
+
+
+def _one(name: str, spec: InferTensor, value: Tensor) -> Any:
+    """The single element of a parameter tensor, type-checked against its kind."""
+    if len(value) != 1:
+        raise CodecError(f"input {name} must hold exactly one element; got shape {spec.shape}")
+    kind = INPUTS[name]
+    dt = spec.datatype
+    ok = {
+        "BYTES": dt == "BYTES",
+        "INT32": dt.startswith(("INT", "UINT")),
+        "INT64": dt.startswith(("INT", "UINT")),
+        "FP32": dt.startswith("FP"),
+        "BOOL": dt == "BOOL",
+    }[kind]
+    if not ok:
+        want = {"INT32": "an INT or UINT type", "INT64": "an INT or UINT type", "FP32": "FP16, FP32 or FP64"}
+        raise CodecError(f"input {name} must be {want.get(kind, kind)}; got {dt}")
+    element = value[0]
+    if kind == "BYTES":
+        try:
+            return bytes(element).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CodecError(f"input {name} must be UTF-8 text") from None
+    if kind == "FP32":
+        return float(str(element))  # shortest decimal: FP32 7.3 stays 7.3 in the infotext, as the CLI's
+    if kind == "BOOL":
+        return bool(element)
+    return int(element)
+
+
+def options_from_inputs(specs: dict[str, InferTensor], values: dict[str, Tensor]) -> GenerateOptions:
+    unknown = sorted(set(values) - set(INPUTS))
+    if unknown:
+        raise CodecError(f"unknown input(s) {', '.join(unknown)}; this model takes {', '.join(INPUTS)}")
+    if "prompt" not in values:
+        raise CodecError("input prompt (BYTES, shape [1]) is required")
+    args = {name: _one(name, specs[name], value) for name, value in values.items()}
+    negative = args.pop("negative_prompt", "")
+    return GenerateOptions(
+        prompts=(args.pop("prompt"),), negative_prompts=(negative,) if negative else (), **args
+    )
+
+
+def _wanted_outputs(request: InferRequest) -> tuple[list[str], set[str]]:
+    """(output names, names to send as binary), from the request's `outputs` and parameters."""
+    default_binary = bool(request.parameters.get("binary_data_output", False))
+    if request.outputs is None:
+        names = list(OUTPUTS)
+        return names, set(names) if default_binary else set()
+    unknown = sorted({o.name for o in request.outputs} - set(OUTPUTS))
+    if unknown:
+        raise CodecError(f"unknown output(s) {', '.join(unknown)}; this model has {', '.join(OUTPUTS)}")
+    names = [o.name for o in request.outputs]
+    binary = {o.name for o in request.outputs if o.parameters.get("binary_data", default_binary)}
+    return names, binary
+
+
+def build_router(
+    engine: Engine,
+    limits: Limits,
+    model: str,
+    backend: str,
+    auth: Any,
+    on_done: Callable[[Result, int], None] | None = None,
+) -> APIRouter:
+    """Routes under /v2; metadata and inference need the bearer token when one is set."""
+    router = APIRouter(prefix="/v2", tags=["kserve v2"])
+    guarded = [Depends(auth)]
+
+    def check_model(name: str, version: str | None = None) -> None:
+        if name != model:
+            raise HTTPException(404, f"unknown model {name!r}; this server serves {model!r}")
+        if version not in (None, "", VERSION):
+            raise HTTPException(404, f"model {model!r} has only version {VERSION}; got {version!r}")
+
+    @router.get("", summary="server metadata")
+    async def server_metadata() -> dict[str, Any]:
+        return {"name": "sdrt", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+    @router.get("/health/live", summary="liveness")
+    async def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @router.get("/health/ready", summary="readiness: warmed up and not shutting down")
+    async def ready() -> Response:
+        return Response(status_code=200 if engine.ready else 503)
+
+    @router.get("/models/{name}/ready", dependencies=guarded)
+    @router.get("/models/{name}/versions/{version}/ready", dependencies=guarded)
+    async def model_ready(name: str, version: str | None = None) -> Response:
+        check_model(name, version)
+        return Response(status_code=200 if engine.ready else 503)
+
+    @router.get("/models/{name}", dependencies=guarded, summary="model metadata: inputs and outputs")
+    @router.get("/models/{name}/versions/{version}", dependencies=guarded)
+    async def model_metadata(name: str, version: str | None = None) -> dict[str, Any]:
+        check_model(name, version)
+        return {
+            "name": model,
+            "versions": [VERSION],
+            "platform": f"sdrt_{backend}",
+            "inputs": [{"name": n, "datatype": d, "shape": [1]} for n, d in INPUTS.items()],
+            "outputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in OUTPUTS.items()],
+        }
+
+    infer_doc = {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": _inline_refs(InferRequest.model_json_schema()),
+                    "example": _EXAMPLE,
+                },
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": f"JSON header ({HEADER_LENGTH} bytes), then binary tensors",
+                },
+            },
+        }
+    }
+
+    @router.post("/models/{name}/infer", dependencies=guarded, openapi_extra=infer_doc, summary="generate")
+    @router.post("/models/{name}/versions/{version}/infer", dependencies=guarded, openapi_extra=infer_doc)
+    async def infer(name: str, request: Request, version: str | None = None) -> Response:
+        check_model(name, version)
+        if request.headers.get("content-encoding", "identity") != "identity":
+            raise HTTPException(
+                415, "compressed inference requests are not supported; send them uncompressed"
+            )
+        body = await request.body()
+        try:
+            parsed, specs, values = decode_request(body, request.headers.get(HEADER_LENGTH))
+            names, binary = _wanted_outputs(parsed)
+            options = prepare(options_from_inputs(specs, values), engine, limits)
+        except ValueError as exc:  # CodecError, and validate()/limits messages
+            raise HTTPException(400, str(exc)) from None
+        asked = parsed.parameters.get("timeout")
+        timeout = request_timeout(
+            asked / 1e6 if isinstance(asked, (int, float)) and asked > 0 else None, limits
+        )
+        result = await generate(request, engine, options, timeout, on_done)
+        precision = engine.pipeline.backend.precision
+        produced: dict[str, Tensor] = {
+            "image": result.images,
+            "seed": np.asarray(result.seeds, dtype=np.int64),
+            "parameters": [
+                infotext(result, i, backend, precision, engine.bundle.root.resolve().name).encode()
+                for i in range(len(result.images))
+            ],
+        }
+        outputs = [Output(n, OUTPUTS[n][0], tuple(np.shape(produced[n])), produced[n]) for n in names]
+        content, media_type, headers = encode_response(model, VERSION, parsed.id, outputs, binary)
+        return Response(content=content, headers=headers, media_type=media_type)
+
+    return router
