@@ -121,7 +121,7 @@ class Bundle:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.root / self.manifest["tokenizer"]["dir"]
+        return self.root / str(self.manifest["tokenizer"]["dir"])
 
     @property
     def has_deprojector(self) -> bool:
