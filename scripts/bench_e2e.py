@@ -190,6 +190,19 @@ def _size(text: str) -> tuple[int, int]:
     return w, h
 
 
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """argv minus `option VALUE` / `option=VALUE` (the workers get every other flag as given)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == option:
+            skip = True
+        elif not arg.startswith(option + "="):
+            out.append(arg)
+    return out
+
+
 def _spawn(cmd: list[str]) -> dict[str, Any]:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -232,7 +245,7 @@ def main() -> int:
         p.error(f"--bundle {args.bundle} has no manifest.json (create it with python -m export)")
     if bool(args.optimum_python) != bool(args.optimum_model):
         p.error("--optimum-python and --optimum-model go together")
-    forwarded = [a for a in sys.argv[1:] if not a.startswith("--engines")]
+    forwarded = _without_option(sys.argv[1:], "--engines")
     results: dict[str, Any] = {}
     for engine in engines:
         print(f"running {engine} ...", file=sys.stderr, flush=True)
@@ -285,7 +298,7 @@ def main() -> int:
     tmp.write_text(json.dumps({"workload": workload, "results": results}, indent=2))
     os.replace(tmp, args.json)
     print(f"wrote {args.json}")
-    return 0
+    return 1 if any("error" in r for r in results.values()) else 0
 
 
 if __name__ == "__main__":

@@ -92,6 +92,9 @@ class OrtBackend:
             opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # The CPU arena keeps each session's peak activations reserved between calls; without it
+        # the SD 1.5 UNet's resident memory drops ~0.2 GiB at no measurable cost per step.
+        opts.enable_cpu_mem_arena = self.device != "cpu"
         source = self.bundle.models[model].path(self.precision)
         cached = self._cache_path(model)
         if self.cache_optimized and self.device == "cpu" and cached.is_file():
