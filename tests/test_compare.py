@@ -167,7 +167,7 @@ def test_impossible_gate_exits_1(tiny_bundle, tmp_path):
     ("args", "message"),
     [
         (["--bundle", "{missing}"], "no manifest.json"),
-        (["--size", "100x100"], "multiple of 8"),
+        (["--size", "100x100"], "--size: height must be a multiple of"),
         (["--size", "big"], "WIDTHxHEIGHT"),
         (["--runs", "0"], "must be >= 1"),
         (["--min-cosine", "2"], "from -1 to 1"),

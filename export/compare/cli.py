@@ -16,17 +16,24 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from export.compare.settings import Settings, UsageError
+from export.compare.settings import PRESETS, Settings, UsageError
 from export.compare.thresholds import DEFAULTS, Thresholds
 from runtime.backends.trt_manifest import PRECISION as TRT_PRECISION
 from runtime.bundle import PRECISIONS, Bundle, BundleError
+from runtime.options import GenerateOptions, validate
 
 BACKEND_MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 # Ancestral samplers draw fresh noise every step from each side's own RNG: the runs could not match.
 DETERMINISTIC_SCHEDULERS = ("pndm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")
 MODES = ("standard", "deproject", "compose")
-PRESETS = ("tiny", "sd15")
-MAX_STEPS = 1000
+_FLAGS = {
+    "height": "--size",
+    "width": "--size",
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "seed": "--seed",
+    "mode": "--mode",
+}  # first word of a runtime.options.validate error -> our flag
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -177,22 +184,29 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
         raise UsageError(
             f"--backend {args.backend}: the {BACKEND_MODULES[args.backend]} package is not installed"
         )
-    h_range, w_range = bundle.image_size_range()
-    width, height = args.size if args.size else (w_range.opt, h_range.opt)
-    factor = bundle.vae_scale_factor
-    for name, value, r in (("width", width, w_range), ("height", height, h_range)):
-        if value % factor or not r.min <= value <= r.max:
-            raise UsageError(
-                f"--size: {name} must be a multiple of {factor} from {r.min} to {r.max}; got {value}"
-            )
-    if args.steps > MAX_STEPS:
-        raise UsageError(f"--steps must be from 1 to {MAX_STEPS}; got {args.steps}")
-    if not math.isfinite(args.guidance) or args.guidance < 0:
-        raise UsageError(f"--guidance must be a finite number >= 0; got {args.guidance}")
-    if not 0 <= args.seed < 2**63:
-        raise UsageError(f"--seed must be from 0 to 2**63-1; got {args.seed}")
-    if args.mode != "standard" and not bundle.has_deprojector:
-        raise UsageError(f"--mode {args.mode} needs a bundle with a deprojector; {bundle.root} has none")
+    width, height = args.size if args.size else (None, None)
+    request = GenerateOptions(
+        prompts=(args.prompt,),
+        negative_prompts=(args.negative,),
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        height=height,
+        width=width,
+        scheduler=args.scheduler,
+        mode=args.mode,
+    )
+    try:  # the runtime's own checks, so the tool accepts exactly what the runtime accepts
+        request = validate(request, bundle)
+    except ValueError as exc:
+        flag = _FLAGS.get(str(exc).split(" ", 1)[0], "--size/--steps/--guidance/--seed/--mode")
+        raise UsageError(f"{flag}: {exc}") from None
+    except KeyError as exc:  # a manifest written before the runtime learnt that key
+        raise UsageError(
+            f"--bundle: the manifest lacks {exc}: re-export it with `python -m export`"
+        ) from None
+    assert request.width is not None and request.height is not None
+    width, height = request.width, request.height
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out must be a directory; {str(args.out)!r} is a file")
     model, seed_weights, projection = _model_source(bundle.manifest, args.model)

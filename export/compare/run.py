@@ -26,7 +26,7 @@ from PIL import Image
 
 from export.compare import figures, torch_ref
 from export.compare.metrics import image_metrics, latent_drift, tensor_metrics, to_uint8
-from export.compare.settings import COMPONENTS, STAGES, Settings, UsageError
+from export.compare.settings import COMPONENTS, PRESETS, STAGES, Settings, UsageError
 from export.compare.thresholds import Check, Thresholds, evaluate
 from export.compare.timing import Stats, peak_rss_bytes, reset_peak_rss, rss_bytes, time_runs
 from runtime import guidance as cfg
@@ -34,7 +34,6 @@ from runtime.bundle import Bundle
 from runtime.schedulers import make_scheduler
 from runtime.tokenizer import ClipTokenizer
 
-PRESETS = ("tiny", "sd15")
 REPO = Path(__file__).resolve().parents[2]
 IMPLEMENTATIONS = ("pytorch_fp32", "pytorch_bf16", "runtime")
 MEMORY_METHOD = (

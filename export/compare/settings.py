@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 COMPONENTS = ("clip", "deprojector", "unet", "vae_decoder")
+PRESETS = ("tiny", "sd15")  # export.models.PRESETS, repeated so this module stays torch-free
 STAGES = ("text", "denoise", "decode")  # end-to-end stages, as runtime.pipeline.Result.timings names them
 
 

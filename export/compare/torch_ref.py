@@ -26,7 +26,8 @@ from export.compare.settings import Settings
 from export.models import SDComponents, load_model
 from export.reference import ReferencePipeline, diffusers_scheduler
 
-BUNDLED_CHECKPOINT_DIRS = ("deprojector", "deprojector_checkpoint")  # a checkpoint copied into the bundle
+# Where a bundle keeps the deprojector's PyTorch weights when the manifest entry names no "dir".
+BUNDLED_CHECKPOINT_DIRS = ("deprojector_checkpoint", "deprojector")
 
 
 @dataclass
@@ -138,12 +139,14 @@ def _deprojector(
     """Rebuild the bundle's deprojector the way export/build.py built it; a note says how."""
     if entry is None:
         return None, "none (the bundle has no deprojector)"
-    for name in BUNDLED_CHECKPOINT_DIRS:
+    names = [entry["dir"]] if entry.get("dir") else list(BUNDLED_CHECKPOINT_DIRS)
+    for name in names:  # the exact weights deprojector.onnx was traced from, when shipped
         folder = bundle / name
         if (folder / "config.json").is_file():
             built = deprojector_module(components, str(folder))
             assert built is not None
-            return built[0], f"checkpoint shipped in the bundle ({name}/), variant {built[1]['variant']}"
+            origin = f"{entry.get('checkpoint')} variant {entry.get('variant')}"  # the manifest's words
+            return built[0], f"{origin}, loaded from the weights shipped in the bundle ({name}/)"
     if entry.get("checkpoint") == INIT_FROM_CLIP:
         built = deprojector_module(components, None)
         assert built is not None
