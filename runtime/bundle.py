@@ -21,19 +21,23 @@ The manifest is what makes a bundle self-describing (written by `python -m expor
           "opset": 18,
           "files": {"fp32": {"file": "unet.onnx", "sha256": "...", "bytes": 123,
                              "external_data": "unet.onnx.data" | null},
-                    "fp16": {...}}
+                    "fp16": {...}},
+          "ort_files": {"fp32": {"file": "unet.ort.onnx", ..., "external_data": "unet.onnx.data",
+                                 "fused": {"MultiHeadAttention": 32}}}   # optional, see below
         }
       }
     }
 
 Inputs and outputs stay float32 in both precisions (the fp16 graphs cast inside), so a backend
-feeds the same arrays whichever file it loads.
+feeds the same arrays whichever file it loads. `ort_files` are the same graphs with ONNX Runtime
+contrib-op fusions (export/fusion.py), sharing the standard file's weights; ONNX Runtime on CPU
+or CUDA prefers them, TensorRT always reads `files`.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +47,12 @@ FORMAT = "sdrt-bundle"
 FORMAT_VERSION = 1
 MODEL_NAMES = ("clip", "deprojector", "unet", "vae_decoder")
 PRECISIONS = ("fp32", "fp16")
+# Top-level manifest keys the runtime reads. A key added to the format later (latent_multiple)
+# is checked here too, so a bundle exported before it fails at open with advice, not later.
+REQUIRED_KEYS = (
+    "models", "hidden_size", "latent_channels", "vae_scale_factor", "latent_multiple", "scheduler",
+    "tokenizer",
+)  # fmt: skip
 
 
 class BundleError(ValueError):
@@ -61,6 +71,11 @@ class ModelEntry:
     spec: ModelSpec
     dims: dict[str, DimRange]
     files: dict[str, Path]  # precision -> absolute path of the .onnx
+    ort_files: dict[str, Path] = field(default_factory=dict)  # precision -> ORT-fused variant
+
+    def ort_path(self, precision: str) -> Path:
+        """The graph ONNX Runtime should load: the fused variant when the bundle has one."""
+        return self.ort_files.get(precision) or self.path(precision)
 
     def path(self, precision: str) -> Path:
         if precision not in self.files:
@@ -93,15 +108,22 @@ class Bundle:
                 f"bundle {root} is format {manifest.get('format')!r} v{manifest.get('format_version')}; "
                 f"this runtime reads {FORMAT!r} v{FORMAT_VERSION}: re-export it with `python -m export`"
             )
+        missing = [key for key in REQUIRED_KEYS if key not in manifest]
+        if missing:
+            raise BundleError(
+                f"bundle {root}: manifest.json lacks {', '.join(missing)} (exported by an older sdrt): "
+                "re-export it with `python -m export`"
+            )
         models = {}
         for name, m in manifest["models"].items():
             files = {p: root / f["file"] for p, f in m["files"].items()}
-            for precision, path in files.items():
+            ort_files = {p: root / f["file"] for p, f in m.get("ort_files", {}).items()}
+            for precision, path in [*files.items(), *ort_files.items()]:
                 if not path.is_file():
                     raise BundleError(f"bundle {root}: {name} ({precision}) file {path.name} is missing")
             spec = ModelSpec(name, tuple(map(_tensor, m["inputs"])), tuple(map(_tensor, m["outputs"])))
             dims = {k: DimRange(**v) for k, v in m["dims"].items()}
-            models[name] = ModelEntry(spec, dims, files)
+            models[name] = ModelEntry(spec, dims, files, ort_files)
         for required in ("clip", "unet", "vae_decoder"):
             if required not in models:
                 raise BundleError(f"bundle {root} lacks the {required} model")

@@ -13,23 +13,12 @@ from tqdm import tqdm
 from runtime.backends import BACKENDS, BackendError
 from runtime.bundle import PRECISIONS, BundleError
 from runtime.image import infotext, save_png
-from runtime.options import COMPOSE_MODES, DEFAULT_SEED, GenerateOptions
+from runtime.options import COMPOSE_MODES, DEFAULT_SEED, options_from, size_argument
 from runtime.pipeline import Pipeline
 from runtime.schedulers import SCHEDULERS
 from runtime.tokenizer import LONG_PROMPT_MODES
 
 log = logging.getLogger("sdrt")
-
-
-def _size(text: str) -> tuple[int, int]:
-    """'512x768' -> (width 512, height 768), as A1111 writes sizes."""
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--size must look like 512x512 (WIDTHxHEIGHT); got {text!r}"
-        ) from None
-    return width, height
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="image i of a run uses seed + i")
-    p.add_argument("--size", type=_size, default=None, help="WIDTHxHEIGHT in pixels (default: the bundle's)")
+    p.add_argument(
+        "--size", type=size_argument, default=None, help="WIDTHxHEIGHT in pixels (default: the bundle's)"
+    )
     p.add_argument("--scheduler", choices=SCHEDULERS, default="pndm")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
@@ -96,22 +87,7 @@ def _out_paths(out: Path, count: int) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    width, height = args.size if args.size else (None, None)
-    options = GenerateOptions(
-        prompts=tuple(args.prompt),
-        negative_prompts=tuple(args.negative),
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        height=height,
-        width=width,
-        scheduler=args.scheduler,
-        mode=args.mode,
-        compose_mode=args.compose_mode,
-        normalize=args.normalize,
-        num_images=args.num_images,
-        long_prompt=args.long_prompt,
-    )
+    options = options_from(vars(args), prompts=tuple(args.prompt), negative_prompts=tuple(args.negative))
     try:
         start = time.perf_counter()
         pipeline = Pipeline(

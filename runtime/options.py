@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import math
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +41,42 @@ class GenerateOptions:
     @property
     def total_images(self) -> int:
         return len(self.prompts) * self.num_images
+
+
+def parse_size(text: str, name: str = "size") -> tuple[int, int]:
+    """'512x768' -> (width 512, height 768), as A1111 writes sizes; ValueError naming `name`.
+
+    Only the form is checked here: whether the bundle can make that size is `validate`'s job.
+    """
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"{name} must look like 512x512 (WIDTHxHEIGHT); got {text!r}") from None
+    return width, height
+
+
+def size_argument(text: str) -> tuple[int, int]:
+    """`parse_size` as an argparse `type=` for --size: argparse prints its message as it is."""
+    try:
+        return parse_size(text, "--size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_FIELDS = frozenset(f.name for f in fields(GenerateOptions))
+
+
+def options_from(values: Mapping[str, Any], **overrides: Any) -> GenerateOptions:
+    """GenerateOptions from a flat mapping such as `vars(args)` or a request's fields.
+
+    Keys named like a GenerateOptions field are taken and other keys ignored; `size`, a
+    (width, height) pair or None, fills width and height; `overrides` win over `values`.
+    Nothing is validated here: `validate` does that against the bundle.
+    """
+    kwargs = {k: v for k, v in values.items() if k in _FIELDS}
+    if values.get("size") is not None:
+        kwargs["width"], kwargs["height"] = values["size"]
+    return GenerateOptions(**{**kwargs, **overrides})
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

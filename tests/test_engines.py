@@ -99,7 +99,11 @@ def bundle(tmp_path: Path) -> Bundle:
         "format": "sdrt-bundle",
         "format_version": 1,
         "hidden_size": 64,
+        "latent_channels": 4,
         "vae_scale_factor": 8,
+        "latent_multiple": 2,
+        "scheduler": {"_class_name": "PNDMScheduler"},
+        "tokenizer": {"dir": "tokenizer", "bos_id": 49406, "eos_id": 49407, "pad_id": 49407},
         "models": models,
     }
     (root / "manifest.json").write_text(json.dumps(manifest))

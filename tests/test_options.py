@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import numpy as np
 import pytest
 
 from runtime.bundle import Bundle, BundleError
 from runtime.generate import main
-from runtime.options import GenerateOptions, validate
+from runtime.options import GenerateOptions, options_from, parse_size, size_argument, validate
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +62,47 @@ def test_missing_bundle_is_a_clear_error(tmp_path):
         Bundle.open(tmp_path)
 
 
-def test_cli_reports_errors_without_a_traceback(tiny_bundle, tmp_path, caplog):
+def test_manifest_without_latent_multiple_asks_for_a_re_export(tiny_bundle, tmp_path):
+    """A bundle exported before `latent_multiple` existed fails at open, not with a KeyError later."""
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    del manifest["latent_multiple"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"lacks latent_multiple .*re-export it with `python -m export`"):
+        Bundle.open(tmp_path)
+
+
+@pytest.mark.parametrize(("text", "size"), [("512x768", (512, 768)), ("64X128", (64, 128))])
+def test_parse_size_is_width_by_height(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["big", "512", "512x", "x512", "1x2x3", "5.5x8", ""])
+def test_parse_size_names_the_parameter_and_the_form(text):
+    with pytest.raises(ValueError, match=r"^size must look like 512x512 \(WIDTHxHEIGHT\); got "):
+        parse_size(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^--size must look like 512x512"):
+        size_argument(text)
+
+
+def test_options_from_a_flat_mapping():
+    values = {"prompt": "cat", "steps": 3, "size": (128, 64), "scheduler": "ddim", "out": "x.png", "width": 1}
+    assert options_from(values, prompts=("cat",), guidance=2.0) == GenerateOptions(
+        prompts=("cat",), steps=3, guidance=2.0, width=128, height=64, scheduler="ddim"
+    )
+    assert options_from({"size": None, "width": 64}, prompts=("cat",)) == GenerateOptions(
+        prompts=("cat",), width=64
+    )
+
+
+def test_cli_reports_errors_without_a_traceback(tiny_bundle, tmp_path, caplog, capsys):
     assert main(["cat", "--bundle", str(tiny_bundle), "--steps", "0", "--out", str(tmp_path / "x.png")]) == 2
     assert "steps must be an integer from 1 to 1000" in caplog.text
     assert not (tmp_path / "x.png").exists()
     assert main(["cat", "--bundle", str(tmp_path / "nope")]) == 2
     with pytest.raises(SystemExit):
         main(["cat", "--size", "big"])
+    err = capsys.readouterr().err
+    assert "argument --size: --size must look like 512x512 (WIDTHxHEIGHT); got 'big'" in err
 
 
 def test_cli_writes_png_with_parameters(tiny_bundle, tmp_path):

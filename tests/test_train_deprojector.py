@@ -44,7 +44,7 @@ from export.training.loop import evaluate
 from export.training.loss import token_weights, weighted_mse
 from export.training.pairs import build_pairs
 from export.training.run import CHECKPOINT_DIR, STAMP, initial_model
-from export.training.state import STATE_DIR
+from export.training.state import STATE_DIR, LoopState, save_state
 from export.training.teacher import teacher_forced
 
 CONTEXT = 77
@@ -291,6 +291,31 @@ def test_resume_and_overwrite_guards(tmp_path: Path, cache_dir: Path) -> None:
         train(options(tmp_path / "run", cache_dir, steps=2, lr=5e-4, resume=True))
     fresh = train(options(tmp_path / "run", cache_dir, steps=1, lr=5e-4, overwrite=True))
     assert fresh.summary["steps_run"] == 1
+
+
+def test_interrupted_state_save_keeps_the_previous_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    best = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_state(tmp_path, model, best, optimizer, LoopState(step=1), {"run": 1})
+    before = (tmp_path / STATE_DIR / "state.json").read_text()
+    calls = []
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError("disk full")
+
+    monkeypatch.setattr("export.training.state.save_file", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        save_state(tmp_path, model, best, optimizer, LoopState(step=2), {"run": 1})
+    assert [p.name for p in tmp_path.iterdir()] == [STATE_DIR]  # no temporary directory left
+    assert (tmp_path / STATE_DIR / "state.json").read_text() == before
+    assert sorted(p.name for p in (tmp_path / STATE_DIR).iterdir()) == [
+        "best.safetensors", "model.safetensors", "optimizer.safetensors", "state.json",
+    ]  # fmt: skip
 
 
 def test_train_or_reuse(tmp_path: Path, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

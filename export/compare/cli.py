@@ -20,7 +20,7 @@ from export.compare.settings import PRESETS, Settings, UsageError
 from export.compare.thresholds import DEFAULTS, Thresholds
 from runtime.backends.trt_manifest import PRECISION as TRT_PRECISION
 from runtime.bundle import PRECISIONS, Bundle, BundleError
-from runtime.options import GenerateOptions, validate
+from runtime.options import options_from, size_argument, validate
 
 BACKEND_MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 # Ancestral samplers draw fresh noise every step from each side's own RNG: the runs could not match.
@@ -34,14 +34,6 @@ _FLAGS = {
     "seed": "--seed",
     "mode": "--mode",
 }  # first word of a runtime.options.validate error -> our flag
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must look like 512x512 (WIDTHxHEIGHT); got {text!r}") from None
-    return width, height
 
 
 def _positive(text: str) -> int:
@@ -101,7 +93,9 @@ def parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         help="bundle precision the runtime loads (default: fp32 on onnxruntime, fp16 on tensorrt)",
     )
-    p.add_argument("--size", type=_size, help="WIDTHxHEIGHT in pixels (default: the bundle's preferred size)")
+    p.add_argument(
+        "--size", type=size_argument, help="WIDTHxHEIGHT in pixels (default: the bundle's preferred size)"
+    )
     p.add_argument("--steps", type=_positive, default=20, help="denoising steps (default 20)")
     p.add_argument("--runs", type=_positive, default=5, help="timed runs after one warm-up (default 5)")
     p.add_argument(
@@ -184,18 +178,7 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
         raise UsageError(
             f"--backend {args.backend}: the {BACKEND_MODULES[args.backend]} package is not installed"
         )
-    width, height = args.size if args.size else (None, None)
-    request = GenerateOptions(
-        prompts=(args.prompt,),
-        negative_prompts=(args.negative,),
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        height=height,
-        width=width,
-        scheduler=args.scheduler,
-        mode=args.mode,
-    )
+    request = options_from(vars(args), prompts=(args.prompt,), negative_prompts=(args.negative,))
     try:  # the runtime's own checks, so the tool accepts exactly what the runtime accepts
         request = validate(request, bundle)
     except ValueError as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,24 @@ def _gib(n: int | None) -> str:
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _output_table(
+    components: dict[str, dict[str, dict[str, Any]]],
+    header: list[str],
+    cells: Callable[[str, dict[str, Any], float], list[str]],
+) -> list[str]:
+    """A row per model output: `component.output`, then cells(label, metrics, cosine) under `header`.
+
+    The cosine is the smallest per position where the metrics have one (the deprojector's 77),
+    else the one over whole batch rows.
+    """
+    rows = []
+    for component, outputs in components.items():
+        for output, m in outputs.items():
+            label = f"{component}.{output}"
+            rows.append([f"`{label}`", *cells(label, m, m.get("min_position_cosine", m["cosine"]))])
+    return _table(["output", *header], rows)
 
 
 def _check_for(checks: list[dict[str, Any]], prefix: str) -> str:
@@ -133,25 +152,18 @@ def _accuracy(r: dict[str, Any]) -> list[str]:
         "Cosine: smallest over batch rows (flattened); deprojector: smallest over its 77 positions.",
         "",
     ]
-    rows = []
-    for component, outputs in acc["components"].items():
-        for output, m in outputs.items():
-            label = f"{component}.{output}"
-            cosine = m.get("min_position_cosine", m["cosine"])
-            rows.append(
-                [
-                    f"`{label}`",
-                    "x".join(map(str, m["shape"])),
-                    _num(m["max_abs"]),
-                    _num(m["mean_abs"]),
-                    _cos(cosine),
-                    _num(1 - cosine, 2),
-                    _num(m["ref_max_abs"]),
-                    _check_for(checks, label + " "),
-                ]
-            )
-    lines += _table(
-        ["output", "shape", "max abs", "mean abs", "cosine", "1 - cosine", "PyTorch max |x|", "gate"], rows
+    lines += _output_table(
+        acc["components"],
+        ["shape", "max abs", "mean abs", "cosine", "1 - cosine", "PyTorch max |x|", "gate"],
+        lambda label, m, cosine: [
+            "x".join(map(str, m["shape"])),
+            _num(m["max_abs"]),
+            _num(m["mean_abs"]),
+            _cos(cosine),
+            _num(1 - cosine, 2),
+            _num(m["ref_max_abs"]),
+            _check_for(checks, label + " "),
+        ],
     )
     dep = acc["components"].get("deprojector", {}).get("hidden_states")
     if dep:
@@ -300,12 +312,9 @@ def _bf16(r: dict[str, Any]) -> list[str]:
         "How far PyTorch's own low-precision path is from fp32, on the same inputs.",
         "",
     ]
-    rows = [
-        [f"`{component}.{output}`", _num(m["max_abs"]), _cos(m.get("min_position_cosine", m["cosine"]))]
-        for component, outputs in ctx["components"].items()
-        for output, m in outputs.items()
-    ]
-    lines += _table(["output", "max abs", "cosine"], rows)
+    lines += _output_table(
+        ctx["components"], ["max abs", "cosine"], lambda label, m, cosine: [_num(m["max_abs"]), _cos(cosine)]
+    )
     img = ctx["image"]
     lines += [
         "",

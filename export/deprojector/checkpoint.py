@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from torch import Tensor, nn
 
 from export.deprojector.transformer import INPUT_KINDS, DeprojectorConfig, TransformerDeprojector
 from export.deprojector.vicinity import VicinityConfig, VicinityDeprojector
+from runtime.files import write_dir_atomic
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -252,9 +251,7 @@ def save_deprojector(
         raise FileExistsError(f"{path} exists (pass overwrite=True to replace it)")
     state = published_state_dict(model)
     config = _config_json(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with write_dir_atomic(path) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if safetensors:
             from safetensors.torch import save_file
@@ -262,14 +259,4 @@ def save_deprojector(
             save_file(state, str(tmp / SAFETENSORS_NAME), metadata={"format": "pt"})
         else:
             torch.save(state, tmp / BIN_NAME)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

@@ -10,9 +10,6 @@ swapped in, so a crash leaves either the previous state or the new one, never a 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from runtime.files import write_dir_atomic
 
 STATE_DIR = "resume"
 _MODEL, _BEST, _OPTIMIZER, _JSON = (
@@ -77,26 +76,13 @@ def save_state(
     fingerprint: dict[str, Any],
 ) -> None:
     """Write `<run_dir>/resume/` atomically."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{STATE_DIR}.", suffix=".tmp", dir=run_dir))
-    try:
+    with write_dir_atomic(run_dir / STATE_DIR) as tmp:
         save_file(plain_state(model), str(tmp / _MODEL))
         save_file(best, str(tmp / _BEST))
         tensors, groups = _optimizer_tensors(optimizer)
         save_file(tensors, str(tmp / _OPTIMIZER))
         body = {"fingerprint": fingerprint, "loop": asdict(loop), "param_groups": groups}
         (tmp / _JSON).write_text(json.dumps(body, indent=1, sort_keys=True) + "\n")
-        final = run_dir / STATE_DIR
-        if final.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{STATE_DIR}.", suffix=".old", dir=run_dir))
-            os.replace(final, old / STATE_DIR)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def has_state(run_dir: Path) -> bool:

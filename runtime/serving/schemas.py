@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.options import COMPOSE_MODES, MODES, GenerateOptions
+from runtime.options import COMPOSE_MODES, MODES, GenerateOptions, options_from, parse_size
 from runtime.schedulers import SCHEDULERS
 from runtime.tokenizer import LONG_PROMPT_MODES
 
@@ -53,28 +53,14 @@ class GenerateRequest(BaseModel):
             return self.width, self.height
         if self.width is not None or self.height is not None:
             raise ValueError("give size or width/height, not both")
-        try:
-            width, height = (int(v) for v in self.size.lower().split("x"))
-        except ValueError:
-            raise ValueError(f"size must look like 512x512 (WIDTHxHEIGHT); got {self.size!r}") from None
-        return width, height
+        return parse_size(self.size, "size")
 
     def to_options(self) -> GenerateOptions:
-        width, height = self.size_pair()
-        return GenerateOptions(
+        return options_from(
+            {**dict(self), "size": self.size_pair()},
             prompts=(self.prompt,),
             negative_prompts=(self.negative_prompt,) if self.negative_prompt else (),
-            steps=self.steps,
             guidance=float(self.guidance),
-            seed=self.seed,
-            height=height,
-            width=width,
-            scheduler=self.scheduler,
-            mode=self.mode,
-            compose_mode=self.compose_mode,
-            normalize=self.normalize,
-            num_images=self.num_images,
-            long_prompt=self.long_prompt,
         )
 
 
