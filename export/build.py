@@ -3,8 +3,9 @@
 Stage order is chosen for memory. All torch models are traced first, each to a raw ONNX file
 in the staging directory, and then freed; every later pass works on a lean proto whose large
 weights stay on disk (onnx_io), so fp16 conversion of the SD 1.5 UNet no longer holds several
-copies of 3.4 GB. Per model: clean up (fold, dedupe, infer shapes), write fp32, convert and
-write fp16, check both and list ops TensorRT's parser lacks.
+copies of 3.4 GB. Per model: clean up (fold, dedupe, infer shapes), write fp32, add the
+ORT-fused fp32 graph when attention matched (export/fusion.py), convert and write fp16, check
+them and list ops TensorRT's parser lacks.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import onnx
 import torch
 from torch import nn
 from transformers import CLIPTokenizer
 
-from export import fp16, graph, onnx_io
+from export import fp16, fusion, graph, onnx_io
 from export.bundle import (
     DEPROJECTOR_DIR,
     TOKENIZER_DIR,
@@ -222,6 +224,24 @@ def _write_precision(lean: Any, staging: Path, file: str, warnings: list[str]) -
     return entry
 
 
+def _write_ort_variant(staging: Path, file: str, standard: dict[str, Any]) -> dict[str, Any] | None:
+    """`<name>.ort.onnx`: the saved graph with ONNX Runtime fusions, reading the standard file's
+    weights (same external data file, so no second copy); None when nothing matched."""
+    model = onnx.load(str(staging / file), load_external_data=False)
+    fused = fusion.fuse_attention(model)
+    if not fused:
+        return None
+    variant = file.removesuffix(".onnx") + ".ort.onnx"
+    (staging / variant).write_bytes(model.SerializeToString())
+    graph.check(staging / variant)
+    entry = file_entry(staging, variant, None)
+    for key in ("external_data", "external_data_sha256", "external_data_bytes"):
+        if key in standard:
+            entry[key] = standard[key]
+    entry["fused"] = dict(fused)
+    return entry
+
+
 def _manifest_facts(components: SDComponents, opts: ExportOptions) -> dict[str, Any]:
     """The manifest fields that come from the torch side (read before the models are freed)."""
     vae_config: Any = components.vae.config  # type: ignore[attr-defined]
@@ -268,20 +288,25 @@ def _trace_all(
 
 def _convert(
     name: str, raw: Path, precisions: tuple[str, ...], staging: Path, progress: Progress, warnings: list[str]
-) -> dict[str, Any]:
-    """Clean up the raw trace and write each precision; returns the model's `files` entry."""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Clean up the raw trace and write each precision; returns the `files` and `ort_files` entries."""
     files: dict[str, Any] = {}
+    ort_files: dict[str, Any] = {}
     with progress.stage(f"clean {name}"):
         lean = graph.cleanup(onnx_io.load_lean(raw))
     if "fp32" in precisions:
         with progress.stage(f"write {name} fp32"):
             files["fp32"] = _write_precision(lean, staging, f"{name}.onnx", warnings)
+        with progress.stage(f"fuse {name} for onnxruntime"):
+            variant = _write_ort_variant(staging, f"{name}.onnx", files["fp32"])
+        if variant is not None:
+            ort_files["fp32"] = variant
     if "fp16" in precisions:
         with progress.stage(f"fp16 {name}"):
             lean16 = fp16.to_fp16(lean)
         with progress.stage(f"write {name} fp16"):
             files["fp16"] = _write_precision(lean16, staging, f"{name}.fp16.onnx", warnings)
-    return files
+    return files, ort_files
 
 
 def export_bundle(opts: ExportOptions) -> ExportResult:
@@ -297,7 +322,8 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
         log.info("exporting bundle %s: %s", opts.out, reason)
     precisions = PRECISION_CHOICES[opts.precision]
     models = [n for n in MODEL_NAMES if n != "deprojector" or opts.deprojector != "none"]
-    stages_per_model = 2 + len(precisions) + ("fp16" in precisions)  # trace, clean, writes, fp16
+    # trace, clean, writes, fp16 conversion, ORT fusion of fp32
+    stages_per_model = 2 + len(precisions) + ("fp16" in precisions) + ("fp32" in precisions)
     progress = Progress(total=3 + len(models) * stages_per_model)
     warnings: list[str] = []
     try:
@@ -315,13 +341,15 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
 
             entries: dict[str, Any] = {}
             for name in models:
-                files = _convert(
+                files, ort_files = _convert(
                     name, raw_dir / name / f"{name}.onnx", precisions, staging.dir, progress, warnings
                 )
                 shutil.rmtree(raw_dir / name)
                 release_memory()
                 dims = dim_ranges(name, facts["sample_size"])
                 entries[name] = model_entry(specs[name], dims, OPSET, files)
+                if ort_files:
+                    entries[name]["ort_files"] = ort_files
 
             with progress.stage("manifest"):
                 tokenizer["files"] = dir_entry(staging.dir, TOKENIZER_DIR)

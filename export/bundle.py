@@ -37,7 +37,7 @@ PACKAGES = (
 )  # fmt: skip
 # Sources whose change alters the exported files (a code change must not reuse a stale bundle).
 _EXPORTER_SOURCES = (
-    "onnx_export.py", "onnx_io.py", "graph.py", "fp16.py", "build.py", "models.py",
+    "onnx_export.py", "onnx_io.py", "graph.py", "fp16.py", "fusion.py", "build.py", "models.py",
     "tokenizer_files.py", "trt_supported_ops.txt", "deprojector",
 )  # fmt: skip
 
@@ -117,7 +117,7 @@ def manifest_files(manifest: dict[str, Any]) -> dict[str, str]:
     """Every file the manifest vouches for (bundle-relative path -> sha256)."""
     files: dict[str, str] = {}
     for model in manifest.get("models", {}).values():
-        for entry in model["files"].values():
+        for entry in [*model["files"].values(), *model.get("ort_files", {}).values()]:
             files[entry["file"]] = entry["sha256"]
             if entry.get("external_data"):
                 files[entry["external_data"]] = entry["external_data_sha256"]

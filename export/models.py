@@ -227,11 +227,24 @@ def load_model(model: str, seed: int = DEFAULT_SEED, projection: Path | None = N
 
 
 def save_diffusers_folder(components: SDComponents, path: Path) -> Path:
-    """Write components as a diffusers folder (tests use it to exercise the folder loader)."""
-    components.text_encoder.save_pretrained(path / "text_encoder")
-    components.unet.save_pretrained(path / "unet")
-    components.vae.save_pretrained(path / "vae")
-    components.tokenizer().save_pretrained(path / "tokenizer")
-    (path / "scheduler").mkdir(parents=True, exist_ok=True)
-    (path / "scheduler" / "scheduler_config.json").write_text(json.dumps(components.scheduler_config))
+    """Write components as a standard diffusers SD folder (with model_index.json), so the same
+    random weights can be fed to other tools (Optimum's exporter) and to the folder loader."""
+    import diffusers
+
+    config = components.scheduler_config
+    scheduler = getattr(diffusers, config.get("_class_name", "PNDMScheduler")).from_config(config)
+    diffusers.StableDiffusionPipeline(
+        vae=components.vae,
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer(),
+        unet=components.unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(path)
+    for name in ("vocab.json", "merges.txt"):  # slow-tokenizer files, for tools on transformers 4
+        source = components.tokenizer_dir / name
+        if source.is_file():
+            (path / "tokenizer" / name).write_bytes(source.read_bytes())
     return path

@@ -57,6 +57,12 @@ class Pipeline:
         o = validate(options, self.bundle)
         return len(make_scheduler(o.scheduler, self.bundle.scheduler_config).set_timesteps(o.steps))
 
+    @staticmethod
+    def models_for(options: GenerateOptions) -> list[str]:
+        """The bundle models a generation runs, in the order it first needs them."""
+        text = ["clip"] if options.mode == "standard" else ["clip", "deprojector"]
+        return [*text, "unet", "vae_decoder"]
+
     def _initial_latents(self, o: GenerateOptions, rngs: list[np.random.Generator]) -> np.ndarray:
         if o.latents is not None:
             return o.latents.astype(np.float32)
@@ -71,6 +77,7 @@ class Pipeline:
         cancel: Callable[[], bool] | None = None,
     ) -> Result:
         o = validate(options, self.bundle)
+        self.backend.prepare(self.models_for(o))
         timings: dict[str, float] = {}
         start = time.perf_counter()
         uncond, cond = prompt_states(self.backend, self.tokenizer, o)  # (P, 77·k, D) each

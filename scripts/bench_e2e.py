@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.options import size_argument
+
 ENGINES = ("runtime", "diffusers_fp32", "diffusers_bf16")
 
 
@@ -74,6 +76,9 @@ def worker_runtime(args: argparse.Namespace, t0: float) -> dict[str, Any]:
             out = self.inner.run(model, feeds)
             self.seconds[model] = self.seconds.get(model, 0.0) + time.perf_counter() - start
             return out
+
+        def prepare(self, models: Any) -> None:
+            self.inner.prepare(models)
 
         def close(self) -> None:
             self.inner.close()
@@ -164,6 +169,7 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
 
 OPTIMUM_WORKER = """
 import json, resource, statistics, sys, time
+import numpy as np
 t0 = time.perf_counter()
 from optimum.onnxruntime import ORTStableDiffusionPipeline
 from diffusers import DDIMScheduler
@@ -174,20 +180,14 @@ run = lambda: pipe(a["prompt"], num_inference_steps=a["steps"], guidance_scale=a
                    height=a["height"], width=a["width"], output_type="np")
 run(); ttfi = time.perf_counter() - t0
 lat = []
+cpu0, wall0 = time.process_time(), time.perf_counter()
 for _ in range(a["repeats"]):
     s = time.perf_counter(); run(); lat.append(time.perf_counter() - s)
-print(json.dumps({"median_s": statistics.median(lat), "p95_s": sorted(lat)[-1], "latencies_s": lat,
-                  "time_to_first_image_s": ttfi, "cpu_per_wall": None,
+print(json.dumps({"median_s": statistics.median(lat), "p95_s": float(np.percentile(lat, 95)),
+                  "latencies_s": lat, "time_to_first_image_s": ttfi,
+                  "cpu_per_wall": (time.process_time() - cpu0) / (time.perf_counter() - wall0),
                   "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 """
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--size must look like 256x256; got {text!r}") from None
-    return w, h
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:
@@ -214,7 +214,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--prompt", default="cat maid")
-    p.add_argument("--size", type=_size, default=(256, 256))
+    p.add_argument("--size", type=size_argument, default=(256, 256))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3)

@@ -135,6 +135,20 @@ def test_fp32_matches_pytorch(
         assert _min_cosine(g, w, per_position=name == "deprojector") >= 0.99999
 
 
+FUSED_CASES = [(n, c) for n, c in FP32_CASES if n in ("unet", "vae_decoder")]
+
+
+@pytest.mark.parametrize(("name", "case"), FUSED_CASES, ids=[f"{n}-{c}" for n, c in FUSED_CASES])
+def test_ort_fused_graph_equals_the_standard_one(tiny_bundle: Path, name: str, case: tuple) -> None:
+    """The MultiHeadAttention rewrite changes no result beyond float reordering."""
+    inputs = _inputs(name, case)
+    standard, fused = tiny_bundle / f"{name}.onnx", tiny_bundle / f"{name}.ort.onnx"
+    want = _session(standard).run(None, _feeds(standard, inputs))[0]
+    got = _session(fused).run(None, _feeds(fused, inputs))[0]
+    assert float(np.abs(got - want).max()) <= 1e-5
+    assert _min_cosine(got, want, per_position=False) >= 0.999999
+
+
 def test_onnx_deprojector_equals_the_77_pass_reference(tiny_bundle: Path) -> None:
     """The single-graph KV-cached chain against the original re-run-everything inference,
     run by the checkpoint the bundle carries."""
@@ -240,6 +254,21 @@ def test_manifest_describes_the_files(tiny_bundle: Path) -> None:
             assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
             assert [i.name for i in model.graph.input] == specs[name].input_names
             assert [o.name for o in model.graph.output] == specs[name].output_names
+    # attention fused for ONNX Runtime where the pattern exists; CLIP's and the deprojector's
+    # causal attention (mask added before Softmax) is left alone
+    expected_fused = {"unet": 8, "vae_decoder": 1}  # tiny: 4 transformer blocks x 2, VAE mid-block
+    for name, entry in bundle.models.items():
+        ort_files = manifest["models"][name].get("ort_files", {})
+        if name not in expected_fused:
+            assert ort_files == {} and entry.ort_path("fp32") == entry.path("fp32")
+            continue
+        record = ort_files["fp32"]
+        assert record["fused"] == {"MultiHeadAttention": expected_fused[name]}
+        assert entry.ort_path("fp32") == tiny_bundle / record["file"] == tiny_bundle / f"{name}.ort.onnx"
+        assert sha256_file(tiny_bundle / record["file"]) == record["sha256"]
+        assert entry.ort_path("fp16") == entry.path("fp16")  # no fused fp16: ORT's CPU MHA is fp32
+        fused_ops = {n.op_type for n in onnx.load(str(entry.ort_path("fp32"))).graph.node}
+        assert "MultiHeadAttention" in fused_ops and "Softmax" not in fused_ops
     unet = bundle.models["unet"].dims
     assert (unet["height"].min, unet["height"].opt, unet["height"].max) == (8, 16, 128)
     assert (unet["tokens"].min, unet["tokens"].opt, unet["tokens"].max) == (77, 77, 231)
@@ -288,6 +317,17 @@ def test_changed_or_corrupt_bundle_is_not_reused(tiny_bundle: Path, tmp_path: Pa
         f.write(bytes([last[0] ^ 1]))
     manifest, reason = reusable(copy, fingerprint(ExportOptions(model="tiny", out=copy)))
     assert manifest is None and "unet.onnx" in reason
+
+
+def test_bundle_from_before_latent_multiple_is_re_exported(tiny_bundle: Path, tmp_path: Path) -> None:
+    """Same inputs and intact files, but the runtime cannot read the manifest: export again."""
+    copy = tmp_path / "old"
+    shutil.copytree(tiny_bundle, copy, ignore=shutil.ignore_patterns(".ort_cache"))
+    old = json.loads((copy / MANIFEST).read_text())
+    del old["latent_multiple"]
+    (copy / MANIFEST).write_text(json.dumps(old, indent=2) + "\n")
+    manifest, reason = reusable(copy, fingerprint(ExportOptions(model="tiny", out=copy)))
+    assert manifest is None and "lacks latent_multiple" in reason
 
 
 def test_failed_export_leaves_old_bundle_and_no_temp_files(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +20,10 @@ class Backend(Protocol):
 
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one bundle model on named float32/int32 inputs; returns its named outputs."""
+        ...
+
+    def prepare(self, models: Iterable[str]) -> None:
+        """Hint: these models will run soon; a backend may start loading them without waiting."""
         ...
 
     def close(self) -> None:

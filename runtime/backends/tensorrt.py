@@ -17,6 +17,7 @@ import hashlib
 import logging
 import threading
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -463,6 +464,11 @@ class TrtBackend:
         if len(parts) == 1:
             return parts[0]
         return {name: np.concatenate([p[name] for p in parts]) for name in spec.output_names}
+
+    def prepare(self, models: Iterable[str]) -> None:
+        """Nothing ahead of time: a model may have several engines (one per set of shape profiles)
+        and only those a request's shapes select are loaded, on first use, so GPU memory holds
+        no engine that is never run."""
 
     def close(self) -> None:
         with self._lock:
