@@ -53,11 +53,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def engine_config(args: argparse.Namespace, max_queue: int) -> EngineConfig:
+    """The engine options both servers take (`runtime.serve_ray` sizes the queue from Ray's limit)."""
+    return EngineConfig(
+        workers=args.workers,
+        max_queue=max_queue,
+        max_batch=args.max_batch,
+        max_wait_s=args.max_wait_ms / 1000,
+        warmup=not args.no_warmup,
+    )
+
+
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """The per-request limits group, shared with `runtime.serve_ray`."""
+    return Limits(
+        max_steps=args.max_steps,
+        max_side=args.max_side,
+        max_images=args.max_images,
+        max_prompt_chars=args.max_prompt_chars,
+        max_body_bytes=args.max_body_bytes,
+        timeout_s=args.timeout,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,15 +92,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from runtime.serving.app import ServerSettings, create_app
 
-    if not _is_loopback(args.host) and not args.token:
+    if not is_loopback(args.host) and not args.token:
         log.warning("binding %s without --token: anyone who can reach it can generate", args.host)
-    config = EngineConfig(
-        workers=args.workers,
-        max_queue=args.max_queue,
-        max_batch=args.max_batch,
-        max_wait_s=args.max_wait_ms / 1000,
-        warmup=not args.no_warmup,
-    )
+    config = engine_config(args, args.max_queue)
     backend_options: dict[str, object] = {"threads": args.threads}
     if args.backend == "onnxruntime":
         backend_options["device"] = args.device
@@ -86,14 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, BundleError, BackendError) as exc:
         log.error("error: %s", exc)
         return 2
-    limits = Limits(
-        max_steps=args.max_steps,
-        max_side=args.max_side,
-        max_images=args.max_images,
-        max_prompt_chars=args.max_prompt_chars,
-        max_body_bytes=args.max_body_bytes,
-        timeout_s=args.timeout,
-    )
+    limits = limits_from_args(args)
     settings = ServerSettings(
         model_name=args.model_name,
         backend=args.backend,

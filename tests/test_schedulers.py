@@ -19,7 +19,8 @@ import torch
 
 from export.models import SD15_SCHEDULER
 from runtime.schedulers import SCHEDULERS, Scheduler, SchedulerConfig, make_scheduler
-from runtime.schedulers.base import alphas_cumprod
+from runtime.schedulers.base import alphas_cumprod, sigma_table
+from runtime.schedulers.dpmpp_2m import _sigma_to_t
 
 SHAPE = (1, 4, 8, 8)
 
@@ -128,7 +129,17 @@ def test_timesteps_match_diffusers_for_many_step_counts(name: str, config_name: 
     ours, theirs = make_scheduler(name, config), _twin(name, config)
     for n in TIMESTEP_COUNTS:
         theirs.set_timesteps(n)
-        np.testing.assert_array_equal(ours.set_timesteps(n), theirs.timesteps.numpy(), err_msg=f"n={n}")
+        got, want = ours.set_timesteps(n), theirs.timesteps.numpy()
+        differ = got != want
+        if differ.any() and name == "dpmpp_2m_karras":
+            # diffusers builds its sigma table with torch's float32 `** 0.5`, which on some CPUs
+            # (AVX-512 kernels) is 1 ulp off the exact square root; that ulp decides the rounding of
+            # a fractional timestep lying at k + 0.5. Tolerate a difference of 1 only at such a tie.
+            frac = _sigma_to_t(ours.sigmas[:-1], np.log(sigma_table(ours.alphas_cumprod).astype(np.float32)))
+            tie = np.abs(frac - np.floor(frac) - 0.5) < 1e-5
+            assert np.all(np.abs(got - want)[differ] == 1) and np.all(tie[differ]), f"n={n}"
+            continue
+        np.testing.assert_array_equal(got, want, err_msg=f"n={n}")
 
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))

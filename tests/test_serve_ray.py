@@ -1,0 +1,337 @@
+"""The Ray Serve application on a local, loopback-only Ray cluster (one per module), tiny bundle.
+
+Two replicas serve concurrent requests (both answer); images equal the CLI's byte for byte; bad
+requests get the same status and body as the single-process server; killing a replica under load
+loses no request (what Ray cannot retry the client retries, on the statuses `is_retryable` names)
+and the service is back to two healthy replicas afterwards. CLI/config checks need no cluster.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+from runtime.options import GenerateOptions  # noqa: E402
+from runtime.serve_ray import (  # noqa: E402
+    APP_NAME,
+    DEPLOYMENT_NAME,
+    REPLICA_HEADER,
+    args_to_argv,
+    build_app,
+    is_retryable,
+    parse_args,
+    replica_threads,
+    spec_from_args,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMIT_ARGS = {"max_steps": 400, "max_body_bytes": 64_000, "timeout": 60}
+SLOW = {"steps": 40, "size": "128x128", "scheduler": "ddim"}  # ~0.5 s per request on one thread
+
+
+# --- no cluster needed -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--replicas", "0"], "argument --replicas: must be an integer from 1 to 1024; got '0'"),
+        (["--port", "70000"], "argument --port: must be an integer from 1 to 65535"),
+        (["--max-ongoing-requests", "x"], "argument --max-ongoing-requests: must be an integer from 1"),
+        (["--num-gpus-per-replica", "nan"], "argument --num-gpus-per-replica: must be a number from 0 to 16"),
+        (["--min-replicas", "2"], "autoscaling needs both --min-replicas and --max-replicas"),
+        (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas (3) must be <= --max-replicas (2)"),
+        (["--workers", "4", "--max-ongoing-requests", "2"], "(2) must be >= --workers (4)"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ],
+)
+def test_bad_cli_args_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must|needs|invalid"):
+        parse_args(argv, raise_errors=True)
+
+
+def test_build_app_names_the_bad_arg(tiny_bundle: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="--replicas: must be an integer from 1"):
+        build_app({"bundle": str(tiny_bundle), "replicas": -1})
+    with pytest.raises(ValueError, match="--bundle: bundle .* has no manifest.json"):
+        build_app({"bundle": str(tmp_path)})
+    with pytest.raises(ValueError, match="unrecognized arguments: --replica"):
+        build_app({"bundle": str(tiny_bundle), "replica": 2})
+
+
+def test_deployment_options() -> None:
+    cpu = spec_from_args(parse_args(["--replicas", "2"]))
+    options = cpu.deployment_options()
+    assert options["num_replicas"] == 2 and "autoscaling_config" not in options
+    cores = os.cpu_count() or 1
+    assert options["ray_actor_options"] == {"num_cpus": float(max(1, cores // 2)), "num_gpus": 0.0}
+    assert cpu.replica.engine.max_queue == options["max_ongoing_requests"] == 4
+    gpu = spec_from_args(parse_args(["--device", "cuda", "--min-replicas", "1", "--max-replicas", "8"]))
+    options = gpu.deployment_options()
+    assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert options["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 8, "initial_replicas": 1, "target_ongoing_requests": 2.0,
+    }  # fmt: skip
+    assert "num_replicas" not in options
+    trt = spec_from_args(parse_args(["--backend", "tensorrt", "--num-gpus-per-replica", "0.5"]))
+    assert trt.num_gpus == 0.5
+    # threads: the replica's Ray CPUs split between its workers; explicit --threads wins
+    assert replica_threads(cpu.replica, 3.0) == 3
+    assert replica_threads(spec_from_args(parse_args(["--workers", "2"])).replica, 3.0) == 1
+    assert replica_threads(spec_from_args(parse_args(["--threads", "5"])).replica, 1.0) == 5
+
+
+def test_config_file_args_parse() -> None:
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "deploy/ray_serve.yaml").read_text())
+    app = config["applications"][0]
+    assert app["import_path"] == "runtime.serve_ray:build_app"
+    spec = spec_from_args(parse_args(args_to_argv(app["args"]), raise_errors=True))
+    assert spec.num_gpus == 1.0 and spec.autoscaling and spec.replicas == 2
+
+
+def test_retryable_statuses() -> None:
+    assert is_retryable(503, "text/plain") and is_retryable(429, "application/json")
+    assert is_retryable(500, "text/plain; charset=utf-8")  # Ray lost the replica
+    assert not is_retryable(500, "application/json")  # the app's own failure: not blindly retried
+    assert not is_retryable(422, "application/json") and not is_retryable(504, "application/json")
+
+
+# --- one local Ray cluster for the rest -----------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def replica_actors() -> dict[str, str]:
+    """Replica id (the x-sdrt-replica header) -> actor name, for live replicas of the app."""
+    names = ray.util.list_named_actors(all_namespaces=True)
+    prefix = f"SERVE_REPLICA::{APP_NAME}#{DEPLOYMENT_NAME}#"
+    return {a["name"].removeprefix(prefix): a["name"] for a in names if a["name"].startswith(prefix)}
+
+
+def running_replicas() -> int:
+    status = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME]
+    return int(status.replica_states.get("RUNNING", 0))
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_bundle: Path) -> Iterator[str]:
+    """2 CPU replicas (1 CPU, 1 thread each) behind Ray's proxy on 127.0.0.1; yields the base URL."""
+    env = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    port = _free_port()
+    ray.init(
+        num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", namespace="sdrt-test",
+        log_to_driver=False, configure_logging=False,
+    )  # fmt: skip
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        app = build_app({"bundle": str(tiny_bundle), "replicas": 2, "cpus_per_replica": 1, **LIMIT_ARGS})
+        serve.run(app, name=APP_NAME, route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def client(cluster: str) -> Iterator[Any]:
+    with httpx.Client(base_url=cluster, timeout=60) as c:
+        yield c
+
+
+def decode_png(data: bytes) -> tuple[np.ndarray, str]:
+    image = Image.open(io.BytesIO(data))
+    return np.asarray(image), image.info["parameters"]
+
+
+def local_images(tiny_bundle: Path, bodies: list[dict[str, Any]]) -> list[np.ndarray]:
+    """What the runtime makes for each body in this process: the reference for served images."""
+    from runtime.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_bundle, threads=1)
+    try:
+        out = []
+        for b in bodies:
+            width, height = (int(v) for v in b.get("size", "128x128").split("x"))
+            options = GenerateOptions(
+                prompts=(b["prompt"],), steps=b["steps"], seed=b.get("seed", 0), width=width, height=height,
+                scheduler=b.get("scheduler", "pndm"),
+            )  # fmt: skip
+            out.append(pipe.generate(options).images[0])
+        return out
+    finally:
+        pipe.close()
+
+
+def test_two_replicas_serve_concurrent_requests(client: Any, tiny_bundle: Path) -> None:
+    assert running_replicas() == 2 and len(replica_actors()) == 2
+    bodies = [{"prompt": f"concurrent {i}", "seed": i, **SLOW, "steps": 10} for i in range(8)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda b: client.post("/v1/generate", json=b), bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies), [r.text[:200] for r in responses]
+    assert {r.headers[REPLICA_HEADER] for r in responses} == set(replica_actors())  # both replicas worked
+    for r, expected in zip(responses, local_images(tiny_bundle, bodies), strict=True):
+        np.testing.assert_array_equal(decode_png(base64.b64decode(r.json()["images"][0]))[0], expected)
+
+
+def test_image_equals_cli(client: Any, tiny_bundle: Path, tmp_path: Path) -> None:
+    from runtime.generate import main
+
+    out = tmp_path / "cli.png"
+    cli = ["a red fox", "--negative", "blurry", "--steps", "4", "--guidance", "6.5", "--seed", "11",
+           "--size", "96x64", "--scheduler", "dpmpp_2m"]  # fmt: skip
+    assert main([*cli, "--bundle", str(tiny_bundle), "--out", str(out)]) == 0
+    body = {"prompt": "a red fox", "negative_prompt": "blurry", "steps": 4, "guidance": 6.5, "seed": 11,
+            "size": "96x64", "scheduler": "dpmpp_2m"}  # fmt: skip
+    png = client.post("/v1/generate", json=body, headers={"accept": "image/png"})
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert png.content == out.read_bytes()  # same pixels, same parameters chunk, same encoder
+    as_json = client.post("/v1/generate", json=body).json()
+    assert base64.b64decode(as_json["images"][0]) == png.content
+    assert as_json["infotexts"] == [decode_png(png.content)[1]]
+
+
+BAD: list[tuple[str, Any, dict[str, str]]] = [
+    ("malformed json", b'{"prompt": "cat", ', {"content-type": "application/json"}),
+    ("not json", b'{"prompt": "cat"}', {"content-type": "text/plain"}),
+    ("missing prompt", {"steps": 5}, {}),
+    ("steps wrong type", {"prompt": "cat", "steps": "ten"}, {}),
+    ("unknown field", {"prompt": "cat", "stepz": 5}, {}),
+    ("steps 0", {"prompt": "cat", "steps": 0}, {}),
+    ("steps over limit", {"prompt": "cat", "steps": 500}, {}),
+    ("size garbage", {"prompt": "cat", "size": "big"}, {}),
+    ("huge body", {"prompt": "x" * 100_000}, {}),
+    ("unknown scheduler", {"prompt": "cat", "scheduler": "lms"}, {}),
+]
+
+
+def test_errors_equal_the_http_servers(client: Any, tiny_bundle: Path) -> None:
+    """Same status and body as `python -m runtime.serve` with the same limits (its app, in-process)."""
+    from fastapi.testclient import TestClient
+
+    from runtime.serving import Engine, EngineConfig
+    from runtime.serving.app import ServerSettings, create_app
+
+    args = parse_args(args_to_argv({"bundle": str(tiny_bundle), **LIMIT_ARGS}))
+    limits = spec_from_args(args).replica.limits
+    with Engine.open(tiny_bundle, config=EngineConfig(warmup=False), threads=1) as engine:
+        reference = TestClient(create_app(engine, ServerSettings(limits=limits, manage_engine=False)))
+        for name, body, headers in BAD:
+            kw: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
+            want = reference.post("/v1/generate", headers=headers, **kw)
+            got = client.post("/v1/generate", headers=headers, **kw)
+            assert 400 <= want.status_code < 500, name
+            assert (got.status_code, got.json()) == (want.status_code, want.json()), name
+        v2_want = reference.post("/v2/models/nope/infer", json={"inputs": []})
+        v2_got = client.post("/v2/models/nope/infer", json={"inputs": []})
+        assert (v2_got.status_code, v2_got.json()) == (v2_want.status_code, v2_want.json())
+
+
+def _wait_for(condition: Any, seconds: float, what: str) -> None:
+    until = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < until, f"{what}: not reached in {seconds} s"
+        time.sleep(0.2)
+
+
+def test_killed_replica_loses_no_request_and_service_recovers(cluster: str, tiny_bundle: Path) -> None:
+    """4 clients keep 2 replicas busy; one replica is killed while it has requests in flight.
+
+    Ray does not replay a request whose replica died mid-generation: that caller gets a plain-text
+    500, which `is_retryable` says to resend. Every request must end in a 200 with the right image,
+    at least one must have needed that retry (else the kill missed the load and this proved
+    nothing), and afterwards Ray must be back to two running replicas, the new one serving."""
+    clients, per_client = 4, 5
+    before = replica_actors()
+    victim = sorted(before)[0]
+    attempts: dict[tuple[int, int], list[tuple[int, str]]] = {}
+    results: dict[tuple[int, int], bytes] = {}
+    lock = threading.Lock()
+    victim_busy = threading.Event()
+
+    def run(i: int) -> None:
+        with httpx.Client(base_url=cluster, timeout=60) as c:
+            for j in range(per_client):
+                body = {"prompt": f"load {i}-{j}", "seed": 10 * i + j, **SLOW}
+                for _ in range(10):
+                    r = c.post("/v1/generate", json=body, headers={"accept": "image/png"})
+                    note = r.text[:120] if r.status_code != 200 else ""
+                    with lock:
+                        attempts.setdefault((i, j), []).append((r.status_code, note))
+                    if r.status_code == 200:
+                        results[(i, j)] = r.content
+                        if r.headers[REPLICA_HEADER] == victim:
+                            victim_busy.set()
+                        break
+                    assert is_retryable(r.status_code, r.headers.get("content-type", "")), r.text
+                    time.sleep(float(r.headers.get("retry-after", "0.2")))
+
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(run, i) for i in range(clients)]
+        assert victim_busy.wait(60), "the victim replica never served"
+        time.sleep(0.2)  # its next requests are in flight now (4 clients, 2 replicas, max 4 ongoing each)
+        ray.kill(ray.get_actor(before[victim], namespace="serve"), no_restart=False)
+        killed_at = time.monotonic()
+        for f in futures:
+            f.result(300)
+
+    retried = {key: tries for key, tries in attempts.items() if len(tries) > 1}
+    assert len(results) == clients * per_client, attempts  # no request lost
+    assert retried, "no request was in flight on the killed replica: the test did not test anything"
+    for tries in retried.values():
+        assert all(status in (500, 503) for status, _ in tries[:-1]), tries
+    keys = [(i, j) for i in range(clients) for j in range(per_client)]
+    bodies = [{"prompt": f"load {i}-{j}", "seed": 10 * i + j, **SLOW} for i, j in keys]
+    for (key, png), expected in zip(sorted(results.items()), local_images(tiny_bundle, bodies), strict=True):
+        np.testing.assert_array_equal(decode_png(png)[0], expected, err_msg=str(key))
+
+    _wait_for(lambda: running_replicas() == 2 and victim not in replica_actors(), 120, "two running replicas")
+    recovered_s = time.monotonic() - killed_at
+    after = replica_actors()
+    assert len(after) == 2 and victim not in after
+    seen: set[str] = set()
+    with httpx.Client(base_url=cluster, timeout=60) as c:
+        for _ in range(20):  # Ray's router spreads them; both replicas, the new one included, answer
+            bodies = [{"prompt": "again", "steps": 5, "seed": s} for s in range(4)]
+            with ThreadPoolExecutor(4) as pool:
+                responses = list(pool.map(lambda b: c.post("/v1/generate", json=b), bodies))
+            assert [r.status_code for r in responses] == [200] * 4
+            seen |= {r.headers[REPLICA_HEADER] for r in responses}
+            if seen == set(after):
+                break
+    assert seen == set(after), (seen, after)
+    first_failures = sorted({tries[0] for tries in retried.values()})
+    print(f"{len(retried)} retried after the kill {first_failures}; {recovered_s:.1f} s to recover")
