@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from runtime.backends import BACKENDS, BackendError
-from runtime.bundle import PRECISIONS, BundleError
+from runtime.backends import BACKENDS, PRECISIONS, BackendError
+from runtime.bundle import BundleError
 from runtime.image import infotext, save_png
 from runtime.options import COMPOSE_MODES, DEFAULT_SEED, options_from, size_argument
 from runtime.pipeline import Pipeline
@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="default: the backend's own (onnxruntime fp32, tensorrt fp16)",
+        help="default: the backend's own (onnxruntime, openvino: fp32; tensorrt: fp16); bf16: openvino",
     )
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument("--steps", type=int, default=25)

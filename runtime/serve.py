@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from runtime.backends import BACKENDS, BackendError
-from runtime.bundle import PRECISIONS, BundleError
+from runtime.backends import BACKENDS, PRECISIONS, BackendError
+from runtime.bundle import BundleError
 from runtime.serving.engine import Engine, EngineConfig
 from runtime.serving.limits import Limits
 

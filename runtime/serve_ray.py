@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.backends import BACKENDS, BackendError
-from runtime.bundle import PRECISIONS, Bundle, BundleError
+from runtime.backends import BACKENDS, PRECISIONS, BackendError
+from runtime.bundle import Bundle, BundleError
 from runtime.serve import engine_config, is_loopback, limits_from_args
 from runtime.serving.engine import Engine, EngineConfig, default_threads
 from runtime.serving.limits import Limits

@@ -13,7 +13,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "im
 fi
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
 pip install torch==2.13.0
-pip install -e ".[cpu,export,test,compare,serve,ray]"
+pip install -e ".[cpu,openvino,export,test,compare,serve,ray]"
 # The real CLIP BPE merges ship in this wheel; --no-deps because we only read one data file
 # from it (its dependencies would drag in torchvision).
 pip install --no-deps open-clip-torch==3.3.0

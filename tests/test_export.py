@@ -40,6 +40,7 @@ from runtime.files import sha256_file
 from runtime.specs import clip_spec, deprojector_spec, unet_spec, vae_decoder_spec
 
 HIDDEN = 64  # tiny preset
+CACHES = (".ort_cache", ".ov_cache")  # what the runtime backends write into a bundle they run
 
 
 @pytest.fixture(scope="module")
@@ -290,8 +291,8 @@ def test_manifest_describes_the_files(tiny_bundle: Path) -> None:
     for file, digest in manifest["tokenizer"]["files"].items():
         assert sha256_file(bundle.tokenizer_dir / file) == digest
     assert manifest["warnings"] == []
-    # no staging or temp files left (runtime tests may add their own .ort_cache)
-    assert [p.name for p in tiny_bundle.iterdir() if p.name.startswith(".") and p.name != ".ort_cache"] == []
+    # no staging or temp files left (runtime tests may add their backends' caches)
+    assert [p.name for p in tiny_bundle.iterdir() if p.name.startswith(".") and p.name not in CACHES] == []
 
 
 def test_rerun_reuses_the_bundle(tiny_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -322,7 +323,7 @@ def test_changed_or_corrupt_bundle_is_not_reused(tiny_bundle: Path, tmp_path: Pa
 def test_bundle_from_before_latent_multiple_is_re_exported(tiny_bundle: Path, tmp_path: Path) -> None:
     """Same inputs and intact files, but the runtime cannot read the manifest: export again."""
     copy = tmp_path / "old"
-    shutil.copytree(tiny_bundle, copy, ignore=shutil.ignore_patterns(".ort_cache"))
+    shutil.copytree(tiny_bundle, copy, ignore=shutil.ignore_patterns(*CACHES))
     old = json.loads((copy / MANIFEST).read_text())
     del old["latent_multiple"]
     (copy / MANIFEST).write_text(json.dumps(old, indent=2) + "\n")
@@ -334,7 +335,7 @@ def test_failed_export_leaves_old_bundle_and_no_temp_files(
     tiny_bundle: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "bundle"
-    shutil.copytree(tiny_bundle, out, ignore=shutil.ignore_patterns(".ort_cache"))
+    shutil.copytree(tiny_bundle, out, ignore=shutil.ignore_patterns(*CACHES))
     before = {p.name: sha256_file(p) for p in out.iterdir() if p.is_file()}
 
     def crash(*args: object, **kwargs: object) -> None:

@@ -35,16 +35,16 @@ def test_prepare_loads_in_background_and_runs_match(bundle_copy: Path) -> None:
 
     prepared = OrtBackend(bundle)
     prepared.prepare(["clip", "unet"])
-    loads = dict(prepared._sessions)
+    loads = prepared._sessions.started
     assert set(loads) == {"clip", "unet"}  # submitted, not waited for
     got = prepared.run("clip", _clip_feeds())
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
     prepared.prepare(["clip"])  # again: the same load, not a second session
-    assert prepared._sessions["clip"] is loads["clip"]
+    assert prepared._sessions.started["clip"] is loads["clip"]
     assert loads["unet"].result() is prepared.session("unet")
     prepared.close()
-    assert prepared._sessions == {}
+    assert prepared._sessions.started == {}
 
 
 def test_optimised_graph_cache_is_written_then_used(bundle_copy: Path) -> None:

@@ -1,7 +1,8 @@
 """The runtime against diffusers' StableDiffusionPipeline on the same tiny weights.
 
 Same scheduler, same initial latents (and for ancestral samplers the same per-step noise),
-so the only differences are ONNX Runtime vs PyTorch arithmetic: max pixel difference <= 2/255.
+so the only differences are ONNX Runtime's or OpenVINO's fp32 arithmetic vs PyTorch's: max pixel
+difference <= 2/255 for each backend.
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ SIZE, STEPS, SEED = 128, 6, 7
 MAX_PIXEL_DIFF = 2  # out of 255
 
 
-@pytest.fixture(scope="module")
-def runtime_pipeline(tiny_bundle):
-    return Pipeline(tiny_bundle)
+@pytest.fixture(scope="module", params=["onnxruntime", "openvino"])
+def runtime_pipeline(request, tiny_bundle):
+    if request.param == "openvino":
+        pytest.importorskip("openvino")
+    pipeline = Pipeline(tiny_bundle, request.param)
+    yield pipeline
+    pipeline.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,12 @@ from typing import Any
 
 from export.compare.settings import PRESETS, Settings, UsageError
 from export.compare.thresholds import DEFAULTS, Thresholds
+from runtime.backends import PRECISIONS
 from runtime.backends.trt_manifest import PRECISION as TRT_PRECISION
-from runtime.bundle import PRECISIONS, Bundle, BundleError
+from runtime.bundle import Bundle, BundleError
 from runtime.options import options_from, size_argument, validate
 
-BACKEND_MODULES = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+BACKEND_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 # Ancestral samplers draw fresh noise every step from each side's own RNG: the runs could not match.
 DETERMINISTIC_SCHEDULERS = ("pndm", "ddim", "euler", "dpmpp_2m", "dpmpp_2m_karras")
 MODES = ("standard", "deproject", "compose")
@@ -91,7 +92,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
-        help="bundle precision the runtime loads (default: fp32 on onnxruntime, fp16 on tensorrt)",
+        help="what the runtime runs (default: fp32 on onnxruntime and openvino, fp16 on tensorrt); "
+        "bf16: the fp32 files computed in bf16, openvino only",
     )
     p.add_argument(
         "--size", type=size_argument, help="WIDTHxHEIGHT in pixels (default: the bundle's preferred size)"
@@ -169,8 +171,11 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
     precision = args.precision or (TRT_PRECISION if args.backend == "tensorrt" else "fp32")
     if args.backend == "tensorrt" and precision != TRT_PRECISION:
         raise UsageError(f"--precision: TensorRT engines are built in {TRT_PRECISION} only; got {precision}")
+    if precision == "bf16" and args.backend != "openvino":
+        raise UsageError(f"--precision bf16 needs --backend openvino; {args.backend} runs fp32 or fp16")
+    files = "fp32" if precision == "bf16" else precision  # bf16 computes from the fp32 files
     for name, entry in bundle.models.items():
-        if precision not in entry.files:
+        if files not in entry.files:
             raise UsageError(
                 f"--precision {precision}: the bundle has {name} only in {', '.join(entry.files)}"
             )

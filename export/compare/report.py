@@ -14,6 +14,8 @@ from typing import Any
 from export.compare.settings import STAGES
 
 IMPLEMENTATIONS = ("pytorch_fp32", "pytorch_bf16", "runtime")
+# what the runtime runs on for each CPU backend, as the report names it
+_CPU_ENGINES = {"onnxruntime": "ONNX Runtime, CPU provider", "openvino": "OpenVINO, CPU plugin"}
 
 
 def jsonable(value: Any) -> Any:
@@ -128,9 +130,10 @@ def _header(r: dict[str, Any]) -> list[str]:
             ["prompt / negative", f"{s['prompt']!r} / {s['negative']!r}"],
             [
                 "machine",
-                f"{setup['cpu']}, {s['threads']} threads for PyTorch and for ONNX Runtime (CPU provider)"
-                if s["backend"] == "onnxruntime"
-                else f"PyTorch on {setup['cpu']} ({s['threads']} threads), the runtime on the GPU (TensorRT)",
+                f"PyTorch on {setup['cpu']} ({s['threads']} threads), the runtime on the GPU (TensorRT)"
+                if s["backend"] == "tensorrt"
+                else f"{setup['cpu']}, {s['threads']} threads for PyTorch and for the runtime "
+                f"({_CPU_ENGINES.get(s['backend'], s['backend'])})",
             ],
             [
                 "timing",

@@ -5,21 +5,33 @@ from __future__ import annotations
 from runtime.backends.base import Backend, BackendError
 from runtime.bundle import Bundle
 
-BACKENDS = ("onnxruntime", "tensorrt")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+# fp32 / fp16: which of the bundle's files runs. bf16: the fp32 files, computed in bf16 (openvino).
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def open_backend(name: str, bundle: Bundle, precision: str | None = None, **options: object) -> Backend:
     """Create a backend by name; engines are imported only when asked for.
 
-    `precision` defaults to the backend's own (onnxruntime: fp32; tensorrt: fp16, the only one its
-    engines are built in). onnxruntime's `device` and `threads` mean nothing to TensorRT: dropped.
+    `precision` defaults to the backend's own (onnxruntime and openvino: fp32; tensorrt: fp16, the
+    only one its engines are built in). onnxruntime's `device` means nothing to the others, nor
+    `threads` to TensorRT: dropped.
     """
+    if precision == "bf16" and name != "openvino":
+        raise ValueError(f"precision bf16 needs backend openvino; {name} runs fp32 or fp16")
     if precision is not None:
         options["precision"] = precision
     if name == "onnxruntime":
         from runtime.backends.onnxruntime import OrtBackend
 
         return OrtBackend(bundle, **options)  # type: ignore[arg-type]
+    if name == "openvino":
+        from runtime.backends.openvino import OvBackend
+
+        device = options.pop("device", "cpu")
+        if device != "cpu":
+            raise ValueError(f"device must be cpu for backend openvino; got {device!r}")
+        return OvBackend(bundle, **options)  # type: ignore[arg-type]
     if name == "tensorrt":
         from runtime.backends.tensorrt import TrtBackend
 
@@ -29,4 +41,4 @@ def open_backend(name: str, bundle: Bundle, precision: str | None = None, **opti
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
 
 
-__all__ = ["BACKENDS", "Backend", "BackendError", "open_backend"]
+__all__ = ["BACKENDS", "PRECISIONS", "Backend", "BackendError", "open_backend"]

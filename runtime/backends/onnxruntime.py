@@ -13,13 +13,13 @@ import logging
 import os
 import threading
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from runtime.backends.base import BackendError, check_feeds
+from runtime.backends.base import BackendError
+from runtime.backends.loading import BackgroundLoads, checked_entry, derived_path, writable
 from runtime.bundle import Bundle
 
 log = logging.getLogger(__name__)
@@ -31,31 +31,6 @@ _PROVIDERS = {
 }
 DEVICES = tuple(_PROVIDERS)
 _EXTERNAL_DATA_THRESHOLD = 1024  # bytes; keeps > 2 GB optimised graphs saveable
-
-
-def _read_ahead(path: Path) -> None:
-    """Ask the kernel to start reading a model's files now. ORT maps external weights lazily, so on
-    a cold page cache the first call would otherwise fault in the SD 1.5 UNet's 3.4 GB at disk speed."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    for file in (path, path.with_name(path.name + ".data")):
-        try:
-            fd = os.open(file, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-
-
-def _writable(directory: Path) -> bool:
-    """A read-only bundle (a mounted volume, say) just runs without the optimised-graph cache."""
-    try:
-        directory.mkdir(exist_ok=True)
-    except OSError:
-        return False
-    return os.access(directory, os.W_OK)
 
 
 class OrtBackend:
@@ -80,9 +55,7 @@ class OrtBackend:
         self.bundle, self.precision, self.device = bundle, precision, device
         self.threads = threads
         self.cache_optimized = cache_optimized
-        self._sessions: dict[str, Future[ort.InferenceSession]] = {}
-        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdrt-load")
-        self._lock = threading.Lock()
+        self._sessions = BackgroundLoads(bundle, self._create, self._load_path)
         self._resident = threading.local()  # per thread: (model, input) -> (array, device copy)
 
     def _provider_options(self) -> list[tuple[str, dict[str, str]]]:
@@ -110,9 +83,8 @@ class OrtBackend:
         return self.bundle.root / file["file"], str(file["sha256"])
 
     def _cache_path(self, model: str) -> Path:
-        sha = self._source(model)[1][:16]
-        key = f"{model}.{self.precision}.{self.device}.ort{ort.__version__}.{sha}"
-        return self.bundle.root / ".ort_cache" / f"{key}.onnx"
+        key = [model, self.precision, self.device, f"ort{ort.__version__}"]
+        return derived_path(self.bundle, ".ort_cache", key, self._source(model)[1], ".onnx")
 
     def _uses_cache(self, cached: Path) -> bool:
         return self.cache_optimized and self.device == "cpu" and cached.is_file()
@@ -135,7 +107,7 @@ class OrtBackend:
         else:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             path = source
-            if self.cache_optimized and self.device == "cpu" and _writable(cached.parent):
+            if self.cache_optimized and self.device == "cpu" and writable(cached.parent):
                 # ORT writes the optimised graph while creating the session: give it a temp name
                 # and rename afterwards, so a crash never leaves a half-written cache entry.
                 opts.optimized_model_filepath = str(cached.with_suffix(".tmp"))
@@ -155,31 +127,21 @@ class OrtBackend:
         log.debug("loaded %s from %s", model, path)
         return session
 
-    def _loading(self, model: str) -> Future[ort.InferenceSession]:
-        if model not in self.bundle.models:
-            raise BackendError(f"bundle {self.bundle.root} has no {model} model")
-        with self._lock:
-            if model not in self._sessions:
-                cached = self._cache_path(model)
-                _read_ahead(cached if self._uses_cache(cached) else self._source(model)[0])
-                self._sessions[model] = self._loader.submit(self._create, model)
-            return self._sessions[model]
+    def _load_path(self, model: str) -> Path:
+        cached = self._cache_path(model)
+        return cached if self._uses_cache(cached) else self._source(model)[0]
 
     def prepare(self, models: Iterable[str]) -> None:
-        """Start loading these models in background threads (session creation releases the GIL);
-        `run` waits for a model only if its load has not finished. A failed load is reported by
-        the first `run` of that model."""
+        """Start loading these models in background threads; `run` waits for a model only if its
+        load has not finished. A failed load is reported by the first `run` of that model."""
         for model in models:
-            self._loading(model)
+            self._sessions.start(model)
 
     def session(self, model: str) -> ort.InferenceSession:
-        return self._loading(model).result()
+        return self._sessions.get(model)
 
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        entry = self.bundle.models.get(model)
-        if entry is None:
-            raise BackendError(f"bundle {self.bundle.root} has no {model} model")
-        check_feeds(entry.spec, feeds)
+        entry = checked_entry(self.bundle, model, feeds)
         session = self.session(model)
         try:
             if self.device == "cpu":
@@ -213,10 +175,5 @@ class OrtBackend:
         return list(binding.copy_outputs_to_cpu())
 
     def close(self) -> None:
-        with self._lock:
-            loads = list(self._sessions.values())
-            self._sessions.clear()
-        for load in loads:
-            if not load.cancel():
-                load.exception()  # wait: a load still running would hold its memory after close
+        self._sessions.close()
         self._resident = threading.local()

@@ -1,0 +1,173 @@
+"""OpenVINO backend (CPU): the bundle's fp32 ONNX graphs, computed in fp32 or in bf16.
+
+Why a second CPU engine: on processors with bf16 instructions (AVX512_BF16, AMX) OpenVINO's bf16
+kernels run the SD 1.5 UNet about twice as fast as fp32 ONNX Runtime, and its fp32 kernels are
+faster too. Precision "bf16" computes the UNet and the VAE decoder in bf16 (~99 % of the time);
+CLIP and the deprojector stay fp32, since their errors would reach every later step for ~1 % of
+the time. "fp32" matches ONNX Runtime to float rounding.
+
+Each ONNX graph is converted once to OpenVINO IR and cached beside the bundle (`.ov_cache/`), keyed
+by model, precision, OpenVINO version and the source's sha256. OpenVINO memory-maps an IR's
+weights, so a start reads only what it runs; for bf16 they are stored as fp16 (half the pages).
+A read-only bundle compiles straight from the ONNX graph (slower start, more memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.backends.base import BackendError
+from runtime.backends.loading import BackgroundLoads, checked_entry, derived_path, drop_mapped_pages, writable
+from runtime.bundle import Bundle
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "bf16")
+BF16_MODELS = frozenset({"unet", "vae_decoder"})  # where the time goes; the rest stays fp32
+_HINT = {"fp32": "f32", "bf16": "bf16"}
+# One conversion at a time: each holds a whole fp32 graph in memory (3.4 GB for the SD 1.5 UNet),
+# and convert_model saves and restores the root logger's level, which two at once would garble.
+_CONVERT_LOCK = threading.Lock()
+
+
+def _openvino() -> Any:
+    try:
+        import openvino
+    except ImportError as exc:
+        raise BackendError(f"OpenVINO is not installed ({exc}): pip install 'sdrt[openvino]'") from exc
+    return openvino
+
+
+def cpu_has_bf16() -> bool:
+    """Whether OpenVINO's CPU plugin has native bf16 kernels on this machine."""
+    capabilities = _openvino().Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return "BF16" in capabilities
+
+
+class OvBackend:
+    device = "cpu"
+
+    def __init__(
+        self, bundle: Bundle, precision: str = "fp32", threads: int | None = None, cache_ir: bool = True
+    ):
+        if precision not in PRECISIONS:
+            choices = ", ".join(PRECISIONS)
+            raise ValueError(f"precision must be one of {choices} for openvino; got {precision!r}")
+        ov = _openvino()
+        if precision == "bf16" and not cpu_has_bf16():
+            raise BackendError(
+                "precision bf16 needs a CPU with bf16 instructions (AVX512_BF16 or AMX), which this one "
+                "lacks; use precision fp32"
+            )
+        for entry in bundle.models.values():
+            entry.path("fp32")  # the source of both precisions; fail now, not mid-generation
+        self.bundle, self.precision, self.threads, self.cache_ir = bundle, precision, threads, cache_ir
+        self._core = ov.Core()
+        self._version = ov.get_version().split("-")[0]
+        self._compiled = BackgroundLoads(bundle, self._compile, self._load_path)
+        self._requests = threading.local()  # per thread: model -> InferRequest (not thread-safe)
+        self._shapes_seen: set[tuple[object, ...]] = set()
+
+    def _model_precision(self, model: str) -> str:
+        return self.precision if model in BF16_MODELS else "fp32"
+
+    def _source(self, model: str) -> tuple[Path, str]:
+        """The standard fp32 graph (OpenVINO fuses attention itself) and its sha256."""
+        file = self.bundle.manifest["models"][model]["files"]["fp32"]
+        return self.bundle.root / file["file"], str(file["sha256"])
+
+    def _ir_path(self, model: str) -> Path:
+        key = [model, self._model_precision(model), f"ov{self._version}"]
+        return derived_path(self.bundle, ".ov_cache", key, self._source(model)[1], ".xml")
+
+    def _load_path(self, model: str) -> Path:
+        ir = self._ir_path(model)
+        return ir if ir.is_file() else self._source(model)[0]
+
+    def _write_ir(self, model: str, ir: Path) -> None:
+        """ONNX -> IR under temp names, renamed into place (.bin first: an .xml means complete)."""
+        ov = _openvino()
+        tmp = ir.with_name(ir.stem + ".tmp.xml")
+        try:
+            with _CONVERT_LOCK:
+                graph = ov.convert_model(str(self._source(model)[0]))
+                ov.save_model(graph, str(tmp), compress_to_fp16=self._model_precision(model) == "bf16")
+                del graph  # free its weights before the compile maps the IR's
+            os.replace(tmp.with_suffix(".bin"), ir.with_suffix(".bin"))
+            os.replace(tmp, ir)
+        finally:
+            for leftover in (tmp, tmp.with_suffix(".bin")):
+                leftover.unlink(missing_ok=True)
+
+    def _weights(self, model: str) -> list[Path]:
+        """The files a compiled model may keep mapped: its IR's .bin, or the ONNX graph's data."""
+        ir = self._ir_path(model)
+        if self.cache_ir and ir.is_file():
+            return [ir.with_suffix(".bin")]
+        source = self._source(model)[0]
+        return [source, source.with_name(source.name + ".data")]
+
+    def _compile(self, model: str) -> Any:
+        ir = self._ir_path(model)
+        if self.cache_ir and not ir.is_file() and writable(ir.parent):
+            try:
+                self._write_ir(model, ir)
+            except Exception as exc:  # OpenVINO raises its own untyped errors
+                raise BackendError(f"could not convert {model} to OpenVINO IR: {exc}") from exc
+        path = ir if self.cache_ir and ir.is_file() else self._source(model)[0]
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": _HINT[self._model_precision(model)],
+            "PERFORMANCE_HINT": "LATENCY",
+            # Pinning would put the threads of every process on the same first cores: replicas
+            # sharing a host (Ray Serve, several workers) would then share one core each.
+            "ENABLE_CPU_PINNING": False,
+        }
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        try:
+            compiled = self._core.compile_model(str(path), "CPU", config)
+        except Exception as exc:
+            raise BackendError(f"could not load {model} ({self.precision}) from {path}: {exc}") from exc
+        log.debug("compiled %s from %s (%s)", model, path, config)
+        return compiled
+
+    def prepare(self, models: Iterable[str]) -> None:
+        """Start compiling these models in background threads; `run` waits only if needed."""
+        for model in models:
+            self._compiled.start(model)
+
+    def _request(self, model: str) -> Any:
+        if not hasattr(self._requests, "by_model"):
+            self._requests.by_model = {}
+        requests: dict[str, Any] = self._requests.by_model
+        if model not in requests:
+            requests[model] = self._compiled.get(model).create_infer_request()
+        return requests[model]
+
+    def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        entry = checked_entry(self.bundle, model, feeds)
+        request = self._request(model)
+        try:
+            # share_inputs: no copy of the feeds; outputs are copied out (the request reuses them)
+            outputs = request.infer(feeds, share_inputs=True)
+            result = {name: outputs[name] for name in entry.spec.output_names}
+        except Exception as exc:
+            shapes = {k: v.shape for k, v in feeds.items()}
+            raise BackendError(f"{model} failed on inputs {shapes}: {exc}") from exc
+        shape_key = (model, *(v.shape for v in feeds.values()))
+        if shape_key not in self._shapes_seen:  # a new shape may have repacked weights
+            self._shapes_seen.add(shape_key)
+            dropped = drop_mapped_pages(self._weights(model))
+            log.debug("%s: released %.2f GB of mapped weights", model, dropped / 1e9)
+        return result
+
+    def close(self) -> None:
+        self._compiled.close()
+        self._requests = threading.local()

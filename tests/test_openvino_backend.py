@@ -1,0 +1,223 @@
+"""The OpenVINO backend on the tiny bundle: fp32 per-model parity with ONNX Runtime, bf16 within
+its documented tolerance, the IR cache, read-only bundles, concurrent callers, releasing mapped
+weight pages, and clear errors. (Image parity with diffusers: tests/test_runtime_e2e.py.)"""
+
+from __future__ import annotations
+
+import mmap
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+from runtime.backends import BackendError, open_backend  # noqa: E402
+from runtime.backends.loading import drop_mapped_pages  # noqa: E402
+from runtime.backends.onnxruntime import OrtBackend  # noqa: E402
+from runtime.backends.openvino import OvBackend, cpu_has_bf16  # noqa: E402
+from runtime.bundle import Bundle  # noqa: E402
+from runtime.generate import main as generate_main  # noqa: E402
+from runtime.options import GenerateOptions  # noqa: E402
+from runtime.pipeline import Pipeline  # noqa: E402
+
+needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions")
+# bf16 keeps 8 mantissa bits: per-call cosine vs fp32; image tolerances measured on tiny (max
+# 4/255, 50 dB at 20 PNDM steps) and checked with margin here.
+BF16_MIN_COSINE = 0.999
+BF16_MAX_PIXEL_DIFF, BF16_MIN_PSNR_DB = 12, 38.0
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy without derived-graph caches, so each test starts cold."""
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, copy, ignore=shutil.ignore_patterns(".ort_cache", ".ov_cache"))
+    return copy
+
+
+def _feeds(bundle: Bundle) -> dict[str, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    hidden = bundle.hidden_size
+    channels = int(bundle.manifest["latent_channels"])
+    f = bundle.vae_scale_factor
+    return {
+        "clip": {"input_ids": rng.integers(0, 49406, (2, 77)).astype(np.int32)},
+        "deprojector": {"pooled": rng.standard_normal((2, hidden), dtype=np.float32)},
+        "unet": {
+            "sample": rng.standard_normal((2, channels, 64 // f, 48 // f), dtype=np.float32),
+            "timestep": np.array([981.0], dtype=np.float32),
+            "encoder_hidden_states": rng.standard_normal((2, 77, hidden), dtype=np.float32),
+        },
+        "vae_decoder": {"latent": rng.standard_normal((1, channels, 64 // f, 48 // f), dtype=np.float32)},
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def test_fp32_matches_onnxruntime_per_model(tiny_bundle: Path) -> None:
+    bundle = Bundle.open(tiny_bundle)
+    ov, ort = OvBackend(bundle, cache_ir=False), OrtBackend(bundle, cache_optimized=False)
+    for model, feeds in _feeds(bundle).items():
+        want, got = ort.run(model, feeds), ov.run(model, feeds)
+        assert set(got) == set(want), model
+        for name in want:
+            assert got[name].dtype == np.float32 and got[name].shape == want[name].shape, (model, name)
+            scale = max(1.0, float(np.abs(want[name]).max()))
+            assert np.abs(got[name] - want[name]).max() <= 1e-4 * scale, (model, name)
+            assert _cosine(got[name], want[name]) >= 0.99999, (model, name)
+
+
+@needs_bf16
+def test_bf16_runs_unet_and_vae_in_bf16_within_tolerance(tiny_bundle: Path) -> None:
+    bundle = Bundle.open(tiny_bundle)
+    bf16, fp32 = OvBackend(bundle, precision="bf16", cache_ir=False), OvBackend(bundle, cache_ir=False)
+    for model, feeds in _feeds(bundle).items():
+        name = bundle.models[model].spec.output_names[0]
+        got, want = bf16.run(model, feeds)[name], fp32.run(model, feeds)[name]
+        if model in ("clip", "deprojector"):  # kept fp32: identical to the fp32 backend
+            np.testing.assert_array_equal(got, want, err_msg=model)
+        else:
+            assert not np.array_equal(got, want), f"{model} did not run in bf16"
+            assert _cosine(got, want) >= BF16_MIN_COSINE, model
+
+
+@needs_bf16
+def test_bf16_image_within_documented_tolerance(tiny_bundle: Path) -> None:
+    options = GenerateOptions(
+        prompts=("a photo of a cat maid",), negative_prompts=("blurry",), steps=20, seed=0
+    )
+    reference = Pipeline(tiny_bundle).generate(options).images
+    bf16 = Pipeline(tiny_bundle, "openvino", precision="bf16").generate(options).images
+    assert reference.std() > 5, "degenerate image: the comparison would prove nothing"
+    assert np.abs(bf16.astype(int) - reference).max() <= BF16_MAX_PIXEL_DIFF
+    assert _psnr(bf16, reference) >= BF16_MIN_PSNR_DB
+
+
+def test_ir_cache_written_once_then_used(bundle_copy: Path) -> None:
+    bundle = Bundle.open(bundle_copy)
+    first = OvBackend(bundle)
+    feeds = _feeds(bundle)["clip"]
+    expected = first.run("clip", feeds)
+    cache = bundle_copy / ".ov_cache"
+    names = sorted(p.name for p in cache.iterdir())
+    assert [n for n in names if n.startswith("clip.fp32.")] == [
+        first._ir_path("clip").with_suffix(".bin").name,
+        first._ir_path("clip").name,
+    ]
+    assert not any(".tmp" in n for n in names)  # renamed into place
+    written = first._ir_path("clip").stat().st_mtime_ns
+
+    second = OvBackend(bundle)
+    assert second._load_path("clip") == second._ir_path("clip")
+    got = second.run("clip", feeds)
+    assert second._ir_path("clip").stat().st_mtime_ns == written  # read, not rewritten
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_read_only_bundle_compiles_from_onnx(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = Bundle.open(bundle_copy)
+    expected = OvBackend(bundle, cache_ir=False).run("clip", _feeds(bundle)["clip"])
+    # as on a read-only mount (root may write anywhere, so the check itself is what is replaced)
+    monkeypatch.setattr("runtime.backends.openvino.writable", lambda directory: False)
+    backend = OvBackend(bundle)
+    got = backend.run("clip", _feeds(bundle)["clip"])
+    assert not any((bundle_copy / ".ov_cache").glob("clip.*"))
+    assert backend._weights("clip")[0] == bundle_copy / "clip.onnx"
+    for name in expected:
+        np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_concurrent_callers_get_their_own_results(tiny_bundle: Path) -> None:
+    bundle = Bundle.open(tiny_bundle)
+    backend = OvBackend(bundle, cache_ir=False)
+    base = _feeds(bundle)["unet"]
+    inputs = [{**base, "sample": base["sample"] * (1 + i)} for i in range(6)]
+    sequential = [backend.run("unet", f)["noise_pred"] for f in inputs]
+    with ThreadPoolExecutor(3) as pool:
+        parallel = list(pool.map(lambda f: backend.run("unet", f)["noise_pred"], inputs))
+    for a, b in zip(sequential, parallel, strict=True):
+        np.testing.assert_array_equal(a, b)
+    backend.close()
+
+
+def _resident_kib(path: Path) -> int:
+    """This process's resident KiB of mappings of `path` (from /proc/self/smaps)."""
+    total, current = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                current = len(fields) >= 6 and fields[5] == str(path.resolve())
+            elif current and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
+def test_drop_mapped_pages_releases_resident_pages_and_keeps_data(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).integers(0, 255, 8 << 20, dtype=np.uint8)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data.tobytes())
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        view = np.frombuffer(mapped, dtype=np.uint8)
+        assert int(view.sum()) == int(data.sum())  # touch every page
+        assert _resident_kib(path) >= 8 << 10
+        assert drop_mapped_pages([path]) >= len(data)
+        assert _resident_kib(path) < 1 << 10
+        np.testing.assert_array_equal(view, data)  # faulted back in, unchanged
+        del view
+
+
+def test_backend_runs_and_releases_weights(bundle_copy: Path) -> None:
+    bundle = Bundle.open(bundle_copy)
+    backend = OvBackend(bundle)
+    backend.run("unet", _feeds(bundle)["unet"])
+    weights = backend._weights("unet")
+    assert weights == [backend._ir_path("unet").with_suffix(".bin")]
+    assert _resident_kib(weights[0]) < 64  # dropped after the first call of this shape
+
+
+def test_errors_name_the_parameter(tiny_bundle: Path) -> None:
+    bundle = Bundle.open(tiny_bundle)
+    with pytest.raises(ValueError, match="precision must be one of fp32, bf16 for openvino; got 'fp16'"):
+        OvBackend(bundle, precision="fp16")
+    with pytest.raises(ValueError, match="precision bf16 needs backend openvino"):
+        open_backend("onnxruntime", bundle, precision="bf16")
+    with pytest.raises(ValueError, match="device must be cpu for backend openvino; got 'cuda'"):
+        open_backend("openvino", bundle, device="cuda")
+    backend = OvBackend(bundle)
+    with pytest.raises(BackendError, match="has no nonexistent model"):
+        backend.prepare(["nonexistent"])
+    with pytest.raises(BackendError, match=r"unet: inputs must be"):
+        backend.run("unet", {"sample": np.zeros((1, 4, 8, 8), np.float32)})
+
+
+def test_load_failure_names_the_model(bundle_copy: Path) -> None:
+    (bundle_copy / "clip.onnx").write_bytes(b"not an onnx model")
+    backend = OvBackend(Bundle.open(bundle_copy))
+    with pytest.raises(BackendError, match="could not convert clip to OpenVINO IR"):
+        backend.run("clip", _feeds(Bundle.open(bundle_copy))["clip"])
+    assert not any((bundle_copy / ".ov_cache").glob("clip.*"))  # nothing half-written left behind
+
+
+@needs_bf16
+def test_cli_writes_png_with_backend_and_precision(tiny_bundle: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "ov.png"
+    argv = ["a cat", "--bundle", str(tiny_bundle), "--backend", "openvino", "--precision", "bf16",
+            "--steps", "3", "--out", str(out)]  # fmt: skip
+    assert generate_main(argv) == 0
+    assert "Backend: openvino/bf16" in Image.open(out).info["parameters"]
