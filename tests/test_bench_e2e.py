@@ -29,7 +29,7 @@ def test_bench_reports_engines_parity_and_targets(tiny_bundle: Path, tmp_path: P
         assert 0 <= result["step_overhead_share"]["median"] < 1
     assert data["ours"] in data["results"]
     # OpenVINO fp32 and ONNX Runtime fp32 make the same image (same seed) to float rounding
-    assert data["image_parity"]["runtime_openvino"]["max_abs_255"] <= 2
+    assert data["image_parity"]["runtime_openvino"]["max_pixel_diff"] <= 2
     assert {"time_to_first_image_s", "peak_rss_gib", "step_overhead_median"} <= set(data["targets"])
     assert "target peak_rss_gib" in out.stdout
 
@@ -39,3 +39,6 @@ def test_bench_rejects_unknown_engines(tiny_bundle: Path) -> None:
     cmd = [sys.executable, script, "--bundle", str(tiny_bundle), "--engines", "nope"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 2 and "--engines must be a comma list of" in out.stderr
+    ours = [*cmd[:-1], "runtime", "--ours", "diffusers_fp32"]
+    out = subprocess.run(ours, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 2 and "--ours must be one of the runtime engines run: runtime" in out.stderr

@@ -173,7 +173,7 @@ def test_impossible_gate_exits_1(tiny_bundle, tmp_path):
         (["--min-cosine", "2"], "from -1 to 1"),
         (["--scheduler", "euler_a"], "invalid choice"),
         (["--max-abs-unet", "-1"], "from 0 to inf"),
-        (["--precision", "bf16"], "--precision bf16 needs --backend openvino"),
+        (["--precision", "bf16"], "--precision: precision bf16 needs backend openvino"),
     ],
 )
 def test_bad_arguments_exit_2(tiny_bundle, tmp_path, capsys, args, message):

@@ -14,6 +14,7 @@ import pytest
 
 pytest.importorskip("openvino")
 
+from export.compare.metrics import cosine_rows, image_metrics  # noqa: E402
 from runtime.backends import BackendError, open_backend  # noqa: E402
 from runtime.backends.loading import drop_mapped_pages  # noqa: E402
 from runtime.backends.onnxruntime import OrtBackend  # noqa: E402
@@ -55,16 +56,6 @@ def _feeds(bundle: Bundle) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-
-
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
-
-
 def test_fp32_matches_onnxruntime_per_model(tiny_bundle: Path) -> None:
     bundle = Bundle.open(tiny_bundle)
     ov, ort = OvBackend(bundle, cache_ir=False), OrtBackend(bundle, cache_optimized=False)
@@ -75,7 +66,7 @@ def test_fp32_matches_onnxruntime_per_model(tiny_bundle: Path) -> None:
             assert got[name].dtype == np.float32 and got[name].shape == want[name].shape, (model, name)
             scale = max(1.0, float(np.abs(want[name]).max()))
             assert np.abs(got[name] - want[name]).max() <= 1e-4 * scale, (model, name)
-            assert _cosine(got[name], want[name]) >= 0.99999, (model, name)
+            assert cosine_rows(got[name], want[name]).min() >= 0.99999, (model, name)
 
 
 @needs_bf16
@@ -89,7 +80,7 @@ def test_bf16_runs_unet_and_vae_in_bf16_within_tolerance(tiny_bundle: Path) -> N
             np.testing.assert_array_equal(got, want, err_msg=model)
         else:
             assert not np.array_equal(got, want), f"{model} did not run in bf16"
-            assert _cosine(got, want) >= BF16_MIN_COSINE, model
+            assert cosine_rows(got, want).min() >= BF16_MIN_COSINE, model
 
 
 @needs_bf16
@@ -100,8 +91,9 @@ def test_bf16_image_within_documented_tolerance(tiny_bundle: Path) -> None:
     reference = Pipeline(tiny_bundle).generate(options).images
     bf16 = Pipeline(tiny_bundle, "openvino", precision="bf16").generate(options).images
     assert reference.std() > 5, "degenerate image: the comparison would prove nothing"
-    assert np.abs(bf16.astype(int) - reference).max() <= BF16_MAX_PIXEL_DIFF
-    assert _psnr(bf16, reference) >= BF16_MIN_PSNR_DB
+    metrics = image_metrics(bf16[0], reference[0])
+    assert metrics["max_pixel_diff"] <= BF16_MAX_PIXEL_DIFF
+    assert metrics["psnr_db"] >= BF16_MIN_PSNR_DB
 
 
 def test_ir_cache_written_once_then_used(bundle_copy: Path) -> None:
@@ -134,7 +126,7 @@ def test_read_only_bundle_compiles_from_onnx(bundle_copy: Path, monkeypatch: pyt
     backend = OvBackend(bundle)
     got = backend.run("clip", _feeds(bundle)["clip"])
     assert not any((bundle_copy / ".ov_cache").glob("clip.*"))
-    assert backend._weights("clip")[0] == bundle_copy / "clip.onnx"
+    assert backend._mapped["clip"][0] == bundle_copy / "clip.onnx"
     for name in expected:
         np.testing.assert_array_equal(got[name], expected[name])
 
@@ -184,12 +176,12 @@ def test_backend_runs_and_releases_weights(bundle_copy: Path) -> None:
     bundle = Bundle.open(bundle_copy)
     backend = OvBackend(bundle)
     backend.run("unet", _feeds(bundle)["unet"])
-    weights = backend._weights("unet")
+    weights = backend._mapped["unet"]
     assert weights == [backend._ir_path("unet").with_suffix(".bin")]
     assert _resident_kib(weights[0]) < 64  # dropped after the first call of this shape
 
 
-def test_errors_name_the_parameter(tiny_bundle: Path) -> None:
+def test_errors_name_the_parameter(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = Bundle.open(tiny_bundle)
     with pytest.raises(ValueError, match="precision must be one of fp32, bf16 for openvino; got 'fp16'"):
         OvBackend(bundle, precision="fp16")
@@ -197,6 +189,10 @@ def test_errors_name_the_parameter(tiny_bundle: Path) -> None:
         open_backend("onnxruntime", bundle, precision="bf16")
     with pytest.raises(ValueError, match="device must be cpu for backend openvino; got 'cuda'"):
         open_backend("openvino", bundle, device="cuda")
+    with monkeypatch.context() as patch:  # as on a CPU without AVX512_BF16 / AMX
+        patch.setattr("runtime.backends.openvino.cpu_has_bf16", lambda: False)
+        with pytest.raises(BackendError, match="precision bf16 needs a CPU with bf16 instructions"):
+            OvBackend(bundle, precision="bf16")
     backend = OvBackend(bundle)
     with pytest.raises(BackendError, match="has no nonexistent model"):
         backend.prepare(["nonexistent"])

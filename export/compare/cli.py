@@ -18,7 +18,7 @@ from typing import Any
 
 from export.compare.settings import PRESETS, Settings, UsageError
 from export.compare.thresholds import DEFAULTS, Thresholds
-from runtime.backends import PRECISIONS
+from runtime.backends import PRECISIONS, bundle_files, check_precision
 from runtime.backends.trt_manifest import PRECISION as TRT_PRECISION
 from runtime.bundle import Bundle, BundleError
 from runtime.options import options_from, size_argument, validate
@@ -171,9 +171,11 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
     precision = args.precision or (TRT_PRECISION if args.backend == "tensorrt" else "fp32")
     if args.backend == "tensorrt" and precision != TRT_PRECISION:
         raise UsageError(f"--precision: TensorRT engines are built in {TRT_PRECISION} only; got {precision}")
-    if precision == "bf16" and args.backend != "openvino":
-        raise UsageError(f"--precision bf16 needs --backend openvino; {args.backend} runs fp32 or fp16")
-    files = "fp32" if precision == "bf16" else precision  # bf16 computes from the fp32 files
+    try:
+        check_precision(args.backend, precision)
+    except ValueError as exc:
+        raise UsageError(f"--precision: {exc}") from None
+    files = bundle_files(precision)
     for name, entry in bundle.models.items():
         if files not in entry.files:
             raise UsageError(

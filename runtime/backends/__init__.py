@@ -10,6 +10,17 @@ BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "bf16")
 
 
+def bundle_files(precision: str) -> str:
+    """Which of a bundle's file sets a precision runs from (bf16 computes from the fp32 files)."""
+    return "fp32" if precision == "bf16" else precision
+
+
+def check_precision(backend: str, precision: str) -> None:
+    """Precisions only some backends run; ValueError naming both otherwise."""
+    if precision == "bf16" and backend != "openvino":
+        raise ValueError(f"precision bf16 needs backend openvino; {backend} runs fp32 or fp16")
+
+
 def open_backend(name: str, bundle: Bundle, precision: str | None = None, **options: object) -> Backend:
     """Create a backend by name; engines are imported only when asked for.
 
@@ -17,9 +28,8 @@ def open_backend(name: str, bundle: Bundle, precision: str | None = None, **opti
     only one its engines are built in). onnxruntime's `device` means nothing to the others, nor
     `threads` to TensorRT: dropped.
     """
-    if precision == "bf16" and name != "openvino":
-        raise ValueError(f"precision bf16 needs backend openvino; {name} runs fp32 or fp16")
     if precision is not None:
+        check_precision(name, precision)
         options["precision"] = precision
     if name == "onnxruntime":
         from runtime.backends.onnxruntime import OrtBackend
@@ -41,4 +51,12 @@ def open_backend(name: str, bundle: Bundle, precision: str | None = None, **opti
     raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
 
 
-__all__ = ["BACKENDS", "PRECISIONS", "Backend", "BackendError", "open_backend"]
+__all__ = [
+    "BACKENDS",
+    "PRECISIONS",
+    "Backend",
+    "BackendError",
+    "bundle_files",
+    "check_precision",
+    "open_backend",
+]

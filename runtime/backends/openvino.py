@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.backends import bundle_files
 from runtime.backends.base import BackendError
 from runtime.backends.loading import BackgroundLoads, checked_entry, derived_path, drop_mapped_pages, writable
 from runtime.bundle import Bundle
@@ -67,12 +68,13 @@ class OvBackend:
                 "lacks; use precision fp32"
             )
         for entry in bundle.models.values():
-            entry.path("fp32")  # the source of both precisions; fail now, not mid-generation
+            entry.path(bundle_files(precision))  # fail now, not mid-generation
         self.bundle, self.precision, self.threads, self.cache_ir = bundle, precision, threads, cache_ir
         self._core = ov.Core()
         self._version = ov.get_version().split("-")[0]
         self._compiled = BackgroundLoads(bundle, self._compile, self._load_path)
         self._requests = threading.local()  # per thread: model -> InferRequest (not thread-safe)
+        self._mapped: dict[str, list[Path]] = {}  # model -> the files its compiled model maps
         self._shapes_seen: set[tuple[object, ...]] = set()
 
     def _model_precision(self, model: str) -> str:
@@ -88,8 +90,9 @@ class OvBackend:
         return derived_path(self.bundle, ".ov_cache", key, self._source(model)[1], ".xml")
 
     def _load_path(self, model: str) -> Path:
+        """What a compile reads: the cached IR when there is one, else the ONNX graph."""
         ir = self._ir_path(model)
-        return ir if ir.is_file() else self._source(model)[0]
+        return ir if self.cache_ir and ir.is_file() else self._source(model)[0]
 
     def _write_ir(self, model: str, ir: Path) -> None:
         """ONNX -> IR under temp names, renamed into place (.bin first: an .xml means complete)."""
@@ -106,14 +109,6 @@ class OvBackend:
             for leftover in (tmp, tmp.with_suffix(".bin")):
                 leftover.unlink(missing_ok=True)
 
-    def _weights(self, model: str) -> list[Path]:
-        """The files a compiled model may keep mapped: its IR's .bin, or the ONNX graph's data."""
-        ir = self._ir_path(model)
-        if self.cache_ir and ir.is_file():
-            return [ir.with_suffix(".bin")]
-        source = self._source(model)[0]
-        return [source, source.with_name(source.name + ".data")]
-
     def _compile(self, model: str) -> Any:
         ir = self._ir_path(model)
         if self.cache_ir and not ir.is_file() and writable(ir.parent):
@@ -121,7 +116,7 @@ class OvBackend:
                 self._write_ir(model, ir)
             except Exception as exc:  # OpenVINO raises its own untyped errors
                 raise BackendError(f"could not convert {model} to OpenVINO IR: {exc}") from exc
-        path = ir if self.cache_ir and ir.is_file() else self._source(model)[0]
+        path = self._load_path(model)
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": _HINT[self._model_precision(model)],
             "PERFORMANCE_HINT": "LATENCY",
@@ -136,6 +131,9 @@ class OvBackend:
         except Exception as exc:
             raise BackendError(f"could not load {model} ({self.precision}) from {path}: {exc}") from exc
         log.debug("compiled %s from %s (%s)", model, path, config)
+        # what the compiled model keeps mapped: the IR's .bin, or the ONNX graph and its data
+        mapped = [ir.with_suffix(".bin")] if path == ir else [path, path.with_name(path.name + ".data")]
+        self._mapped[model] = mapped
         return compiled
 
     def prepare(self, models: Iterable[str]) -> None:
@@ -164,7 +162,7 @@ class OvBackend:
         shape_key = (model, *(v.shape for v in feeds.values()))
         if shape_key not in self._shapes_seen:  # a new shape may have repacked weights
             self._shapes_seen.add(shape_key)
-            dropped = drop_mapped_pages(self._weights(model))
+            dropped = drop_mapped_pages(self._mapped[model])
             log.debug("%s: released %.2f GB of mapped weights", model, dropped / 1e9)
         return result
 
