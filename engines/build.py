@@ -1,187 +1,160 @@
-"""Build FP16 TensorRT engines from a bundle, in-process with the TensorRT Python API.
+"""python -m engines.build BUNDLE: build, or bring up to date, the bundle's TensorRT engines.
 
-`python -m engines.build BUNDLE ...` (CLI in engines/cli.py). Per engine: parse the fp16 ONNX
-(parse_from_file, so external weights load beside it), create a strongly typed network (the flag
-on TensorRT 10; TensorRT 11 has nothing else), add one optimisation profile per requested shape,
-build with the shared timing cache, then write the plan and the manifest entry atomically. A
-failure raises EngineBuildError carrying TensorRT's last log lines.
+The command only: parsing, reporting, exit codes. What it runs lives in engines/cache.py (which
+engines to build) and engines/builder.py (building them with TensorRT).
+
+Exit codes: 0 done; 2 bad arguments, bundle or engine manifest; 3 TensorRT, cuda-python or a CUDA
+GPU unavailable (or a CUDA call failed); 4 TensorRT failed to build an engine; 5 a file could not
+be read or written.
 """
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import logging
-import time
-from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
-from engines.cache import FLAGS, BuildJob, save_manifest
-from runtime.backends.tensorrt import make_logger
-from runtime.backends.trt_manifest import EngineEntry, GpuEnvironment
-from runtime.backends.trt_shapes import input_ranges
+from engines.builder import Built, EngineBuildError, plan_loads, run_jobs
+from engines.cache import plan_jobs
+from engines.profiles import ProfileRequest, parse_batch, parse_dynamic, parse_shapes
+from runtime.backends.base import BackendError
+from runtime.backends.tensorrt import probe_environment
+from runtime.backends.trt_manifest import DEFAULT_DIR, read_manifest
 from runtime.bundle import Bundle
-from runtime.files import write_atomic
-
-if TYPE_CHECKING:
-    import tensorrt as trt
+from runtime.errors import SetupError
 
 log = logging.getLogger(__name__)
-LOG_TAIL = 30  # TensorRT log lines kept for an error report
-PROGRESS_EVERY = 10.0  # seconds between progress lines of one phase
+T = TypeVar("T")
+TIMING_CACHE = "timing.cache"
 
 
-class EngineBuildError(RuntimeError):
-    """TensorRT could not parse or build a model; the message ends with TensorRT's last log lines."""
+def _arg(parse: Callable[[str], T]) -> Callable[[str], T]:
+    def wrapped(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
-    def __init__(self, name: str, what: str, log_tail: list[str]) -> None:
-        tail = "\n".join(f"    {line}" for line in log_tail) or "    (TensorRT logged nothing)"
-        super().__init__(f"{name}: {what}\n  TensorRT log tail:\n{tail}")
-        self.name, self.log_tail = name, log_tail
-
-
-@dataclass
-class Built:
-    name: str
-    status: str  # "built" or "up to date"
-    seconds: float
-    plan_bytes: int
+    return wrapped
 
 
-def network_flags(tensorrt_version: str, strongly_typed_bit: int) -> int:
-    """create_network flags: STRONGLY_TYPED on TensorRT 10; 0 on 11+, where every network is."""
-    return 0 if int(tensorrt_version.split(".")[0]) >= 11 else 1 << strongly_typed_bit
-
-
-def _progress_monitor(name: str) -> trt.IProgressMonitor | None:
-    """An IProgressMonitor that logs top-level build phases (None if this TensorRT lacks it)."""
-    import tensorrt as trt
-
-    if not hasattr(trt, "IProgressMonitor"):
-        return None
-
-    class Progress(trt.IProgressMonitor):  # type: ignore[misc, unused-ignore]  # Any without the stubs
-        def __init__(self) -> None:
-            trt.IProgressMonitor.__init__(self)
-            self.steps: dict[str, int] = {}
-            self.last = 0.0
-
-        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-            self.steps[phase_name] = num_steps
-            if parent_phase is None:
-                log.info("%s: %s (%d steps)", name, phase_name, num_steps)
-
-        def step_complete(self, phase_name: str, step: int) -> bool:
-            now = time.monotonic()
-            if now - self.last >= PROGRESS_EVERY:
-                self.last = now
-                log.info("%s: %s %d/%d", name, phase_name, step + 1, self.steps.get(phase_name, 0))
-            return True
-
-        def phase_finish(self, phase_name: str) -> None:
-            self.steps.pop(phase_name, None)
-
-    return Progress()
-
-
-def build_plan(job: BuildJob, bundle: Bundle, timing_cache: bytes) -> tuple[memoryview, bytes]:
-    """(serialized plan, updated timing cache) for one job. Raises EngineBuildError."""
-    import tensorrt as trt
-
-    tail: deque[str] = deque(maxlen=LOG_TAIL)
-    logger = make_logger(tail)
-    builder = trt.Builder(logger)
-    network = builder.create_network(
-        network_flags(trt.__version__, int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m engines.build",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(job.onnx)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise EngineBuildError(job.name, f"could not parse {job.onnx}", errors + list(tail))
-    spec = bundle.models[job.model].spec
-    inputs = {network.get_input(i).name for i in range(network.num_inputs)}
-    if inputs != set(spec.input_names):
-        raise EngineBuildError(
-            job.name, f"{job.onnx} has inputs {sorted(inputs)}, the bundle says {spec.input_names}", []
-        )
+    p.add_argument("bundle", type=Path, help="bundle directory from `python -m export` (with *.fp16.onnx)")
+    p.add_argument(
+        "--engine-dir", type=Path, default=None, help=f"plans + manifest.json (default: BUNDLE/{DEFAULT_DIR})"
+    )
+    p.add_argument(
+        "--shapes",
+        type=_arg(parse_shapes),
+        default=(),
+        help="WIDTHxHEIGHT[,...]: one static profile per image size (default: the bundle's size)",
+    )
+    p.add_argument(
+        "--batch",
+        type=_arg(parse_batch),
+        default=None,
+        help="MIN-MAX rows per engine call (UNet rows = 2 x images with CFG; default: the bundle's)",
+    )
+    p.add_argument(
+        "--dynamic",
+        type=_arg(parse_dynamic),
+        default=None,
+        help="MIN-MAX pixels: one ranged profile for any height and width in it",
+    )
+    p.add_argument("--timing-cache", type=Path, default=None, help=f"default: ENGINE_DIR/{TIMING_CACHE}")
+    p.add_argument(
+        "--opt-level",
+        type=int,
+        choices=range(6),
+        default=None,
+        help="builder optimisation level (TensorRT's default: 3)",
+    )
+    p.add_argument("--workspace", type=float, default=None, help="workspace memory limit in GB")
+    p.add_argument(
+        "--rebuild-stale",
+        action="store_true",
+        help="also rebuild every engine in the manifest that is stale, corrupt, or that this TensorRT "
+        "cannot deserialize (alone: only those)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="rebuild the engines this command names even if they look up to date (with --rebuild-stale "
+        "alone: every engine in the manifest)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
 
-    config = builder.create_builder_config()
-    if job.settings.get("workspace_gb") is not None:
-        config.set_memory_pool_limit(
-            trt.MemoryPoolType.WORKSPACE, int(job.settings["workspace_gb"] * (1 << 30))
-        )
-    if job.settings.get("opt_level") is not None:
-        config.builder_optimization_level = int(job.settings["opt_level"])
-    cache = config.create_timing_cache(timing_cache)
-    if not config.set_timing_cache(cache, False):
-        log.warning("%s: the timing cache is from another GPU or TensorRT; starting a new one", job.name)
-        config.set_timing_cache(config.create_timing_cache(b""), False)
-    monitor = _progress_monitor(job.name)
-    if monitor is not None:
-        config.progress_monitor = monitor
-    for profile in job.profiles:
-        p = builder.create_optimization_profile()
-        for name, (low, opt, high) in input_ranges(spec, profile).items():
-            p.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
-        config.add_optimization_profile(p)
 
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        raise EngineBuildError(job.name, "TensorRT failed to build the engine", list(tail))
-    return memoryview(plan), bytes(memoryview(config.get_timing_cache().serialize()))
+def _request(args: argparse.Namespace) -> ProfileRequest | None:
+    if args.rebuild_stale and not (args.shapes or args.batch or args.dynamic):
+        return None
+    return ProfileRequest(shapes=args.shapes, batch=args.batch, dynamic=args.dynamic)
 
 
-def run_jobs(
-    jobs: list[BuildJob],
-    bundle: Bundle,
-    engine_dir: Path,
-    entries: dict[str, EngineEntry],
-    env: GpuEnvironment,
-    timing_cache_path: Path,
-) -> list[Built]:
-    """Build each job, saving its plan, the manifest and the timing cache after each one, so an
-    interrupted run keeps what it finished."""
-    engine_dir.mkdir(parents=True, exist_ok=True)
-    timing_cache = timing_cache_path.read_bytes() if timing_cache_path.is_file() else b""
-    results = []
-    for number, job in enumerate(jobs, 1):
+def _table(results: list[Built]) -> str:
+    width = max([len("engine"), *(len(r.name) for r in results)])
+    rows = [f"{'engine':<{width}}  {'status':<10}  {'seconds':>8}  {'MB':>8}"]
+    rows += [
+        f"{r.name:<{width}}  {r.status:<10}  {r.seconds:8.1f}  {r.plan_bytes / 1e6:8.1f}" for r in results
+    ]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        bundle = Bundle.open(args.bundle)
+        engine_dir = args.engine_dir or bundle.root / DEFAULT_DIR
+        env = probe_environment()
         log.info(
-            "[%d/%d] building %s (%d profiles) from %s: %s",
-            number,
-            len(jobs),
-            job.name,
-            len(job.profiles),
-            job.onnx.name,
-            job.reason,
+            "TensorRT %s (%s) on %s (compute capability %s), CUDA runtime %s, driver %s",
+            env.tensorrt,
+            env.tensorrt_cuda,
+            env.gpu,
+            env.compute_capability,
+            env.cuda_runtime,
+            env.cuda_driver,
         )
-        start = time.perf_counter()
-        plan, timing_cache = build_plan(job, bundle, timing_cache)
-        seconds = time.perf_counter() - start
-        plan_name = f"{job.name}.plan"
-        write_atomic(engine_dir / plan_name, plan)
-        write_atomic(timing_cache_path, timing_cache)
-        entries[job.name] = EngineEntry(
-            name=job.name,
-            model=job.model,
-            plan=plan_name,
-            plan_sha256=hashlib.sha256(plan).hexdigest(),
-            plan_bytes=plan.nbytes,
-            source=job.source,
-            profiles=job.profiles,
-            flags=dict(FLAGS),
-            settings=job.settings,
-            environment=env,
-            build_seconds=round(seconds, 1),
-            key=job.key,
+        entries = read_manifest(engine_dir)
+        settings = {"opt_level": args.opt_level, "workspace_gb": args.workspace}
+        jobs, current = plan_jobs(
+            bundle,
+            _request(args),
+            settings,
+            env,
+            entries,
+            engine_dir,
+            args.rebuild_stale,
+            force=args.force,
+            check_plan=plan_loads if args.rebuild_stale else None,
         )
-        save_manifest(engine_dir, entries)
-        log.info("built %s in %.1f s (%.1f MB)", job.name, seconds, plan.nbytes / 1e6)
-        results.append(Built(job.name, "built", seconds, plan.nbytes))
-    return results
+        results = [Built(name, "up to date", 0.0, entries[name].plan_bytes) for name in current]
+        timing_cache = args.timing_cache or engine_dir / TIMING_CACHE
+        results += run_jobs(jobs, bundle, engine_dir, entries, env, timing_cache)
+    except BackendError as exc:  # TensorRTUnavailable, or a CUDA call failing
+        log.error("error: %s", exc)
+        return 3
+    except (ValueError, SetupError) as exc:  # arguments; the bundle, its files, the engine manifest
+        log.error("error: %s", exc)
+        return 2
+    except EngineBuildError as exc:
+        log.error("error: %s", exc)
+        return 4
+    except OSError as exc:
+        log.error("error: %s", exc)
+        return 5
+    print(_table(results))
+    return 0
 
 
 if __name__ == "__main__":
-    from engines.cli import main
-
     raise SystemExit(main())

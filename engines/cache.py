@@ -8,6 +8,7 @@ a half-written plan or manifest behind.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,10 +74,13 @@ def plan_jobs(
     entries: dict[str, EngineEntry],
     engine_dir: Path,
     rebuild_stale: bool,
+    force: bool = False,
+    check_plan: Callable[[Path], str | None] | None = None,
 ) -> tuple[list[BuildJob], list[str]]:
     """(jobs to build, names already up to date). `request` asks for one engine per bundle model;
     `rebuild_stale` also rebuilds every existing engine that is stale or corrupt here, with its
-    own profiles and settings."""
+    own profiles and settings. `force` rebuilds whatever is asked for even if it is up to date;
+    `check_plan(path)` says why an up-to-date-looking plan cannot load here (None if it can)."""
     wanted: list[tuple[str, tuple[Profile, ...], dict[str, Any]]] = []
     if request is not None:
         wanted += [(m, model_profiles(bundle, m, request), settings) for m in bundle.models]
@@ -89,13 +93,17 @@ def plan_jobs(
         if name in jobs or name in current:
             continue
         source = source_onnx(bundle, model)
-        key = cache_key(source, env.tensorrt, env.compute_capability, profiles, FLAGS)
+        key = cache_key(source, env, profiles, FLAGS)
         old = entries.get(name)
         stale = stale_reasons(old, env, source) if old is not None else []  # what the backend refuses
         reason = "; ".join(stale) or rebuild_reason(old, key, job_settings, engine_dir)
+        if reason is None and force:
+            reason = "--force"
+        if reason is None and check_plan is not None and old is not None:
+            reason = check_plan(engine_dir / old.plan)
         if reason is None:
             current.append(name)
             continue
-        onnx = bundle.models[model].path(PRECISION)
+        onnx = bundle.verified_path(bundle.graph(model, PRECISION))
         jobs[name] = BuildJob(name, model, onnx, source, profiles, job_settings, key, reason)
     return list(jobs.values()), current

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             f"bundle {result.out} written in {result.seconds:.1f} s, "
             f"peak RSS {result.peak_rss_bytes / 1e9:.2f} GB"
         )
-    for warning in result.manifest.get("warnings", []):
+    for warning in result.manifest.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0
 

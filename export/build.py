@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,10 @@ from export.bundle import (
     DEPROJECTOR_DIR,
     TOKENIZER_DIR,
     Staging,
-    dir_entry,
+    dir_hashes,
     dir_signature,
     exporter_digest,
     file_entry,
-    model_entry,
     package_versions,
     reusable,
 )
@@ -48,7 +47,15 @@ from export.onnx_export import (
     export_onnx,
 )
 from export.progress import Progress, StageRecord, release_memory
-from runtime.bundle import FORMAT, FORMAT_VERSION
+from runtime.manifest import (
+    MODEL_NAMES,
+    DeprojectorManifest,
+    DimRange,
+    FileEntry,
+    Manifest,
+    ModelManifest,
+    TokenizerManifest,
+)
 from runtime.specs import (
     CONTEXT_LENGTH,
     LATENT_CHANNELS,
@@ -61,7 +68,6 @@ from runtime.specs import (
 
 log = logging.getLogger(__name__)
 
-MODEL_NAMES = ("clip", "deprojector", "unet", "vae_decoder")
 PRECISION_CHOICES = {"fp32": ("fp32",), "fp16": ("fp16",), "both": ("fp32", "fp16")}
 INIT_FROM_CLIP = "init-from-clip"
 DEFAULT_VARIANT = "v1"
@@ -87,7 +93,7 @@ class ExportResult:
     out: Path
     reused: bool
     reason: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     stages: list[StageRecord] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_bytes: int = 0
@@ -197,34 +203,34 @@ def fingerprint(opts: ExportOptions) -> dict[str, Any]:
     }
 
 
-def _write_tokenizer(components: SDComponents, target: Path) -> dict[str, Any]:
+def _write_tokenizer(components: SDComponents, target: Path) -> TokenizerManifest:
     tokenizer = CLIPTokenizer.from_pretrained(components.tokenizer_dir)
     tokenizer.save_pretrained(target)
     if not (target / "tokenizer.json").is_file():
         raise RuntimeError(f"CLIPTokenizer.save_pretrained wrote no tokenizer.json to {target}")
-    return {
-        "dir": TOKENIZER_DIR,
-        "context_length": CONTEXT_LENGTH,
-        "bos_id": int(tokenizer.bos_token_id),
-        "eos_id": int(tokenizer.eos_token_id),
-        "pad_id": int(tokenizer.pad_token_id),
-    }
+    return TokenizerManifest(
+        dir=TOKENIZER_DIR,
+        context_length=CONTEXT_LENGTH,
+        bos_id=int(tokenizer.bos_token_id),
+        eos_id=int(tokenizer.eos_token_id),
+        pad_id=int(tokenizer.pad_token_id),
+        files={},  # hashed once the directory is complete
+    )
 
 
-def _write_precision(lean: Any, staging: Path, file: str, warnings: list[str]) -> dict[str, Any]:
+def _write_precision(lean: Any, staging: Path, file: str, warnings: list[str]) -> FileEntry:
     """Save one precision, check it, record unsupported TensorRT ops; returns its files entry."""
     data = onnx_io.save(lean, staging / file)
     graph.check(staging / file)
-    entry = file_entry(staging, file, data)
-    entry["trt_unsupported_ops"] = graph.unsupported_trt_ops(lean)
-    if entry["trt_unsupported_ops"]:
-        message = f"{file}: ops not in TensorRT's ONNX parser list: {', '.join(entry['trt_unsupported_ops'])}"
+    unsupported = tuple(graph.unsupported_trt_ops(lean))
+    if unsupported:
+        message = f"{file}: ops not in TensorRT's ONNX parser list: {', '.join(unsupported)}"
         log.warning(message)
         warnings.append(message)
-    return entry
+    return file_entry(staging, file, data, trt_unsupported_ops=unsupported)
 
 
-def _write_ort_variant(staging: Path, file: str, standard: dict[str, Any]) -> dict[str, Any] | None:
+def _write_ort_variant(staging: Path, file: str, standard: FileEntry) -> FileEntry | None:
     """`<name>.ort.onnx`: the saved graph with ONNX Runtime fusions, reading the standard file's
     weights (same external data file, so no second copy); None when nothing matched."""
     model = onnx.load(str(staging / file), load_external_data=False)
@@ -234,12 +240,9 @@ def _write_ort_variant(staging: Path, file: str, standard: dict[str, Any]) -> di
     variant = file.removesuffix(".onnx") + ".ort.onnx"
     (staging / variant).write_bytes(model.SerializeToString())
     graph.check(staging / variant)
-    entry = file_entry(staging, variant, None)
-    for key in ("external_data", "external_data_sha256", "external_data_bytes"):
-        if key in standard:
-            entry[key] = standard[key]
-    entry["fused"] = dict(fused)
-    return entry
+    own = file_entry(staging, variant, None)
+    return replace(standard, file=own.file, sha256=own.sha256, bytes=own.bytes, trt_unsupported_ops=(),
+                   fused=dict(fused))  # fmt: skip
 
 
 def _manifest_facts(components: SDComponents, opts: ExportOptions) -> dict[str, Any]:
@@ -277,7 +280,6 @@ def _trace_all(
                 assert built is not None, "models excludes the deprojector for --deprojector none"
                 deprojector, deprojector_entry = built
                 save_deprojector(deprojector, staging / DEPROJECTOR_DIR)
-                deprojector_entry["dir"] = DEPROJECTOR_DIR
             module = torch_module(name, components, deprojector)
             spec = model_spec(name, components)
             raw = staging / "raw" / name / f"{name}.onnx"
@@ -288,10 +290,10 @@ def _trace_all(
 
 def _convert(
     name: str, raw: Path, precisions: tuple[str, ...], staging: Path, progress: Progress, warnings: list[str]
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, FileEntry], dict[str, FileEntry]]:
     """Clean up the raw trace and write each precision; returns the `files` and `ort_files` entries."""
-    files: dict[str, Any] = {}
-    ort_files: dict[str, Any] = {}
+    files: dict[str, FileEntry] = {}
+    ort_files: dict[str, FileEntry] = {}
     with progress.stage(f"clean {name}"):
         lean = graph.cleanup(onnx_io.load_lean(raw))
     if "fp32" in precisions:
@@ -339,39 +341,36 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
             del components  # every later stage works on ONNX files
             release_memory()
 
-            entries: dict[str, Any] = {}
+            entries: dict[str, ModelManifest] = {}
             for name in models:
                 files, ort_files = _convert(
                     name, raw_dir / name / f"{name}.onnx", precisions, staging.dir, progress, warnings
                 )
                 shutil.rmtree(raw_dir / name)
                 release_memory()
-                dims = dim_ranges(name, facts["sample_size"])
-                entries[name] = model_entry(specs[name], dims, OPSET, files)
-                if ort_files:
-                    entries[name]["ort_files"] = ort_files
+                dims = {k: DimRange(**r) for k, r in dim_ranges(name, facts["sample_size"]).items()}
+                entries[name] = ModelManifest(specs[name], dims, OPSET, files, ort_files)
 
             with progress.stage("manifest"):
-                tokenizer["files"] = dir_entry(staging.dir, TOKENIZER_DIR)
+                deprojector = None
                 if deprojector_entry is not None:
-                    deprojector_entry["files"] = dir_entry(staging.dir, DEPROJECTOR_DIR)
-                manifest = {
-                    "format": FORMAT,
-                    "format_version": FORMAT_VERSION,
-                    "packages": fp["packages"],
+                    hashes = dir_hashes(staging.dir, DEPROJECTOR_DIR)
+                    deprojector = DeprojectorManifest(**deprojector_entry, dir=DEPROJECTOR_DIR, files=hashes)
+                manifest = Manifest(
                     **facts,
-                    "tokenizer": tokenizer,
-                    "deprojector": deprojector_entry,
-                    "models": entries,
-                    "warnings": warnings,
-                    "export": {
+                    packages=fp["packages"],
+                    tokenizer=replace(tokenizer, files=dir_hashes(staging.dir, TOKENIZER_DIR)),
+                    deprojector=deprojector,
+                    models=entries,
+                    warnings=tuple(warnings),
+                    export={
                         "fingerprint": fp,
                         "precisions": list(precisions),
                         "stages": progress.as_json(),
                         "seconds": round(time.perf_counter() - start, 2),
                         "peak_rss_bytes": progress.peak_rss_bytes,
                     },
-                }
+                )
                 staging.commit(manifest)
     finally:
         progress.close()

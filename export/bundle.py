@@ -1,16 +1,15 @@
 """Writing a bundle directory: manifest entries, atomic commit, and reuse of an unchanged bundle.
 
-The manifest follows runtime/bundle.py's schema (which the runtime reads) plus extra keys:
-sha256/bytes of every file (external data and tokenizer files too), TensorRT op warnings, and
-an `export` block whose fingerprint decides reuse. Everything is written into a hidden staging
-directory inside the bundle and renamed into place; the old manifest is removed first and the
-new one written last, so a reader never sees a manifest that names half-written files.
+The manifest is written through runtime/manifest.py's classes, the ones the runtime reads it with;
+its `export` block (the exporter's record) holds the fingerprint that decides reuse. Everything is
+written into a hidden staging directory inside the bundle and renamed into place; the old manifest
+is removed first and the new one written last, so a reader never sees a manifest that names half-
+written files.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -20,9 +19,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from runtime.bundle import FORMAT, FORMAT_VERSION, Bundle, BundleError
+from runtime.bundle import Bundle
+from runtime.errors import SetupError
 from runtime.files import sha256_file, write_atomic
-from runtime.specs import ModelSpec, TensorSpec
+from runtime.integrity import STAMP_NAME
+from runtime.manifest import FileEntry, Manifest, ManifestError
 
 log = logging.getLogger(__name__)
 
@@ -77,86 +78,52 @@ def exporter_digest() -> str:
     return digest.hexdigest()
 
 
-def file_entry(root: Path, name: str, external_data: str | None) -> dict[str, Any]:
-    """`files.<precision>` entry: the .onnx (and its single data file, if any) with sha256 and size."""
-    entry: dict[str, Any] = {
-        "file": name,
-        "sha256": sha256_file(root / name),
-        "bytes": (root / name).stat().st_size,
-        "external_data": external_data,
-    }
-    if external_data is not None:
-        entry["external_data_sha256"] = sha256_file(root / external_data)
-        entry["external_data_bytes"] = (root / external_data).stat().st_size
-    return entry
+def file_entry(root: Path, name: str, external_data: str | None, **extra: Any) -> FileEntry:
+    """A model file set's entry: the .onnx (and its single data file, if any) with sha256 and size."""
+    return FileEntry(
+        file=name,
+        sha256=sha256_file(root / name),
+        bytes=(root / name).stat().st_size,
+        external_data=external_data,
+        external_data_sha256=None if external_data is None else sha256_file(root / external_data),
+        external_data_bytes=None if external_data is None else (root / external_data).stat().st_size,
+        **extra,
+    )
 
 
-def _tensor(t: TensorSpec) -> dict[str, Any]:
-    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-
-
-def model_entry(
-    spec: ModelSpec, dims: dict[str, dict[str, int]], opset: int, files: dict[str, dict[str, Any]]
-) -> dict[str, Any]:
-    return {
-        "inputs": [_tensor(t) for t in spec.inputs],
-        "outputs": [_tensor(t) for t in spec.outputs],
-        "dims": dims,
-        "opset": opset,
-        "files": files,
-    }
-
-
-def dir_entry(root: Path, name: str) -> dict[str, str]:
-    """sha256 per file of a bundle subdirectory, so reuse can verify them like the models."""
+def dir_hashes(root: Path, name: str) -> dict[str, str]:
+    """sha256 per file of a bundle subdirectory, so runtime and reuse verify them like the models."""
     folder = root / name
     return {str(f.relative_to(folder)): sha256_file(f) for f in _files_under(folder)}
 
 
-def manifest_files(manifest: dict[str, Any]) -> dict[str, str]:
-    """Every file the manifest vouches for (bundle-relative path -> sha256)."""
-    files: dict[str, str] = {}
-    for model in manifest.get("models", {}).values():
-        for entry in [*model["files"].values(), *model.get("ort_files", {}).values()]:
-            files[entry["file"]] = entry["sha256"]
-            if entry.get("external_data"):
-                files[entry["external_data"]] = entry["external_data_sha256"]
-    for key in ("tokenizer", "deprojector"):
-        section = manifest.get(key) or {}
-        for name, digest in section.get("files", {}).items():
-            files[f"{section['dir']}/{name}"] = digest
-    return files
-
-
-def _read_manifest(root: Path) -> dict[str, Any] | None:
+def _read_manifest(root: Path) -> Manifest | None:
     try:
-        manifest: dict[str, Any] = json.loads((root / MANIFEST).read_text())
-    except (OSError, ValueError):
+        return Manifest.loads((root / MANIFEST).read_bytes())
+    except (OSError, ManifestError):
         return None
-    return (
-        manifest
-        if manifest.get("format") == FORMAT and manifest.get("format_version") == FORMAT_VERSION
-        else None
-    )
 
 
-def reusable(root: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+def reusable(root: Path, fingerprint: dict[str, Any]) -> tuple[Manifest | None, str]:
     """The existing manifest if the bundle was exported from the same inputs and is intact.
 
     Returns (manifest or None, reason) — the reason is logged when the bundle is rebuilt.
     """
-    manifest = _read_manifest(root)
-    if manifest is None:
+    try:
+        manifest = Manifest.loads((root / MANIFEST).read_bytes())
+    except OSError:
         return None, "no bundle there yet"
-    if manifest.get("export", {}).get("fingerprint") != fingerprint:
+    except ManifestError as err:
+        return None, f"the runtime cannot read its manifest ({err})"
+    if manifest.export.get("fingerprint") != fingerprint:
         return None, "inputs, options, package versions or exporter code changed"
-    for name, digest in manifest_files(manifest).items():
+    for name, (digest, _) in manifest.hashed_files().items():
         path = root / name
         if not path.is_file() or sha256_file(path) != digest:
             return None, f"{name} is missing or its sha256 does not match the manifest"
     try:
-        Bundle.open(root)
-    except (BundleError, KeyError, TypeError) as err:
+        Bundle.open(root, verify="off")  # just hashed everything
+    except SetupError as err:
         return None, f"the runtime cannot open it ({err})"
     return manifest, "same inputs, sha256 verified"
 
@@ -196,11 +163,12 @@ class Staging:
     ) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def commit(self, manifest: dict[str, Any]) -> None:
+    def commit(self, manifest: Manifest) -> None:
         """Move the staged files into the bundle, drop files the old manifest had, write the manifest."""
         old = _read_manifest(self.root)
         (self.root / MANIFEST).unlink(missing_ok=True)
-        new_files = set(manifest_files(manifest))
+        (self.root / STAMP_NAME).unlink(missing_ok=True)  # the runtime's verification record
+        new_files = set(manifest.hashed_files())
         in_dirs = tuple(f"{d}/" for d in _DIRS)
         for name in sorted(new_files):
             if not name.startswith(in_dirs):
@@ -210,7 +178,7 @@ class Staging:
                 os.replace(self.root / name, self.dir / f"{name}.old")
             if (self.dir / name).exists():
                 os.replace(self.dir / name, self.root / name)
-        for name in manifest_files(old or {}):
+        for name in old.hashed_files() if old is not None else ():
             if name not in new_files and not name.startswith(in_dirs):
                 (self.root / name).unlink(missing_ok=True)
-        write_atomic(self.root / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+        write_atomic(self.root / MANIFEST, manifest.dumps())

@@ -19,24 +19,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from export.tokenizer_files import write_clip_tokenizer_files
+from runtime.schedulers import SD15_SCHEDULER
 
 PRESETS = ("tiny", "sd15")
 DEFAULT_SEED = 0
-
-SD15_SCHEDULER: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
 
 _CLIP_IDS = {
     "vocab_size": 49408,

@@ -11,7 +11,7 @@ import numpy as np
 
 from runtime.backends.base import Backend
 from runtime.compose import compose, parse_prompt
-from runtime.options import GenerateOptions
+from runtime.options import ResolvedOptions
 from runtime.tokenizer import ClipTokenizer
 
 
@@ -22,20 +22,11 @@ def _clip(
     return backend.run("clip", {"input_ids": ids})
 
 
-def _negatives(options: GenerateOptions) -> list[str]:
-    n = len(options.prompts)
-    if not options.negative_prompts:
-        return [""] * n
-    if len(options.negative_prompts) == 1:
-        return list(options.negative_prompts) * n
-    return list(options.negative_prompts)
-
-
 def prompt_states(
-    backend: Backend, tokenizer: ClipTokenizer, options: GenerateOptions
+    backend: Backend, tokenizer: ClipTokenizer, options: ResolvedOptions
 ) -> tuple[np.ndarray, np.ndarray]:
     """(uncond, cond) states, each (P, 77·k, D) with one row per prompt."""
-    prompts, negatives = list(options.prompts), _negatives(options)
+    prompts, negatives = list(options.prompts), list(options.negative_prompts)
     n = len(prompts)
     if options.mode == "standard":
         states = _clip(backend, tokenizer, negatives + prompts, options.long_prompt)["last_hidden_state"]

@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from runtime import guidance as cfg
 from runtime.backends.base import Backend
+from runtime.guidance import combine, unet_batch
 from runtime.schedulers.base import Scheduler
 
 
@@ -22,12 +22,12 @@ def denoise(
 ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Yield (step index, timestep, latents after that step)."""
     for i, t in enumerate(timesteps):
-        model_input = scheduler.scale_model_input(cfg.unet_batch(latents, guidance), i)
+        model_input = scheduler.scale_model_input(unet_batch(latents, guidance), i)
         feeds = {
             "sample": model_input.astype(np.float32, copy=False),
             "timestep": np.array([t], dtype=np.float32),
             "encoder_hidden_states": states,
         }
-        noise_pred = cfg.combine(backend.run("unet", feeds)["noise_pred"], guidance)
+        noise_pred = combine(backend.run("unet", feeds)["noise_pred"], guidance)
         latents = scheduler.step(noise_pred, i, latents, noise=noise() if noise else None)
         yield i, float(t), latents

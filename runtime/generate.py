@@ -1,4 +1,8 @@
-"""`python -m runtime.generate "cat maid" --bundle DIR --out cat.png`: prompt in, PNG out."""
+"""`python -m runtime.generate "cat maid" --bundle DIR --out cat.png`: prompt in, image out.
+
+Exit status: 0 done; 2 a bad argument or request (the message names it); 3 a broken bundle,
+backend or environment (the message names the file or library and how to repair it).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,12 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from runtime.backends import BACKENDS, PRECISIONS, BackendError
-from runtime.bundle import BundleError
-from runtime.image import infotext, save_png
-from runtime.options import COMPOSE_MODES, DEFAULT_SEED, options_from, size_argument
+from runtime.backends import BACKENDS, PRECISIONS, BackendConfig
+from runtime.bundle import VERIFY_MODES, Bundle
+from runtime.cli import positive_int, report, size_argument
+from runtime.errors import EXIT_SETUP, RequestError, SetupError
+from runtime.image import IMAGE_FORMATS, check_writable, infotext, save_image
+from runtime.options import COMPOSE_MODES, DEFAULT_SEED, GenerateOptions, validate
 from runtime.pipeline import Pipeline
 from runtime.schedulers import SCHEDULERS
 from runtime.tokenizer import LONG_PROMPT_MODES
@@ -31,14 +37,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bundle", type=Path, default=Path("bundles/tiny"), help="bundle directory from `python -m export`"
     )
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
-    p.add_argument("--device", default="cpu", help="onnxruntime device: cpu, cuda or tensorrt")
+    p.add_argument("--device", default=None, help="onnxruntime device: cpu (default), cuda or tensorrt")
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
         default=None,
         help="default: the backend's own (onnxruntime, openvino: fp32; tensorrt: fp16); bf16: openvino",
     )
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: all cores)")
+    p.add_argument(
+        "--verify",
+        choices=VERIFY_MODES,
+        default="stamp",
+        help="bundle integrity: stamp (hash once, then trust unchanged size/mtime/inode), "
+        "full (hash every run), off",
+    )
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="image i of a run uses seed + i")
@@ -71,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out",
         type=Path,
         default=Path("out/image.png"),
-        help="PNG path; several images get -0, -1, ... before the suffix",
+        help=f"image path ({', '.join(IMAGE_FORMATS)}); several images get -0, -1, ... before the suffix",
     )
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(mode="standard")
@@ -81,31 +94,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _out_paths(out: Path, count: int) -> list[Path]:
     if count == 1:
         return [out]
-    return [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(count)]
+    return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
+
+
+def _options(args: argparse.Namespace) -> GenerateOptions:
+    width, height = args.size if args.size is not None else (None, None)
+    return GenerateOptions(
+        prompts=tuple(args.prompt),
+        negative_prompts=tuple(args.negative),
+        steps=args.steps,
+        guidance=args.guidance,
+        seed=args.seed,
+        width=width,
+        height=height,
+        scheduler=args.scheduler,
+        mode=args.mode,
+        compose_mode=args.compose_mode,
+        normalize=args.normalize,
+        num_images=args.num_images,
+        long_prompt=args.long_prompt,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    options = options_from(vars(args), prompts=tuple(args.prompt), negative_prompts=tuple(args.negative))
+    config = BackendConfig(args.backend, args.device, args.precision, args.threads)
     try:
         start = time.perf_counter()
-        pipeline = Pipeline(
-            args.bundle, args.backend, precision=args.precision, device=args.device, threads=args.threads
-        )
+        request = _options(args)
+        paths = _out_paths(args.out, request.total_images)
+        check_writable(paths)  # before minutes of loading and denoising, not after
+        bundle = Bundle.open(args.bundle, verify=args.verify)
+        options = validate(request, bundle)
+        pipeline = Pipeline(bundle, config.validate())
         load_s = time.perf_counter() - start
         with tqdm(
             total=pipeline.denoising_steps(options) * options.total_images, unit="step", disable=None
         ) as bar:
             result = pipeline.generate(options, on_step=lambda i, t, x: bar.update(len(x)))
-    except (ValueError, BundleError, BackendError) as exc:
-        log.error("error: %s", exc)
-        return 2
-    paths = _out_paths(args.out, len(result.images))
-    model = args.bundle.resolve().name
-    for k, (image, path) in enumerate(zip(result.images, paths, strict=True)):
-        save_png(image, path, infotext(result, k, args.backend, pipeline.backend.precision, model))
-        log.info("wrote %s", path)
+        model = bundle.root.name
+        for k, (image, path) in enumerate(zip(result.images, paths, strict=True)):
+            save_image(image, path, infotext(result, k, config.backend, pipeline.backend.precision, model))
+            log.info("wrote %s", path)
+    except (RequestError, SetupError) as exc:
+        return report(log, exc)
+    except OSError as exc:  # the disk filled up or the folder vanished while generating
+        log.error("error: cannot write the image: %s", exc)
+        return EXIT_SETUP
     timings = {"load": load_s, **result.timings}
     log.info("%-8s %8s", "stage", "seconds")
     for stage, seconds in timings.items():

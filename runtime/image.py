@@ -1,4 +1,4 @@
-"""uint8 arrays -> PNGs carrying their generation parameters (A1111's "parameters" chunk).
+"""uint8 arrays -> PNG (or JPEG/WebP) files carrying their generation parameters (A1111's "parameters" chunk).
 
 The CLI and the server both write through here, so a served image and the CLI's file for the
 same parameters are byte-identical.
@@ -7,6 +7,7 @@ same parameters are byte-identical.
 from __future__ import annotations
 
 import io
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from runtime.errors import RequestError
 from runtime.files import write_atomic
 
 if TYPE_CHECKING:
@@ -33,8 +35,6 @@ def infotext(result: Result, index: int, backend: str, precision: str, model: st
     """Parameters text of image `index` of a result (images are prompt-major)."""
     o = result.options
     prompt_index = index // o.num_images
-    negatives = o.negative_prompts
-    negative = negatives[0] if len(negatives) == 1 else (negatives[prompt_index] if negatives else "")
     settings: dict[str, object] = {
         "Steps": o.steps,
         "Sampler": o.scheduler,
@@ -47,20 +47,69 @@ def infotext(result: Result, index: int, backend: str, precision: str, model: st
     }
     if o.mode == "compose":
         settings.update({"Compose": o.compose_mode, "Normalize": o.normalize})
-    return parameters_text(o.prompts[prompt_index], negative, settings)
+    return parameters_text(o.prompts[prompt_index], o.negative_prompts[prompt_index], settings)
+
+
+# Output formats by file extension. PNG keeps the parameters in a text chunk; JPEG in its comment
+# segment; WebP (written lossless) in EXIF UserComment, as A1111 does.
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_USER_COMMENT, _EXIF_IFD = 0x9286, 0x8769
 
 
 def png_bytes(image: np.ndarray | Image.Image, parameters: str) -> bytes:
+    return image_bytes(image, parameters, "PNG")
+
+
+def image_bytes(image: np.ndarray | Image.Image, parameters: str, image_format: str) -> bytes:
+    """Encoded as PNG, JPEG (quality 95) or lossless WebP, the parameters embedded."""
     pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    info = PngInfo()
-    info.add_text("parameters", parameters)
     buffer = io.BytesIO()
-    pil.save(buffer, format="PNG", pnginfo=info)
+    if image_format == "PNG":
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        pil.save(buffer, format="PNG", pnginfo=info)
+    elif image_format == "JPEG":
+        pil.save(buffer, format="JPEG", quality=95, comment=parameters.encode())
+    else:
+        exif = Image.Exif()
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+        pil.save(buffer, format="WEBP", lossless=True, exif=exif)
     return buffer.getvalue()
 
 
-def save_png(image: np.ndarray | Image.Image, path: Path, parameters: str) -> Path:
-    """Written atomically (temp name, then rename): a crash never leaves half a PNG."""
+def image_format(path: Path, name: str = "--out") -> str:
+    """The format its extension names (none: PNG), or RequestError listing the extensions written."""
+    if not path.suffix:
+        return "PNG"
+    try:
+        return IMAGE_FORMATS[path.suffix.lower()]
+    except KeyError:
+        raise RequestError(
+            f"{name}: cannot write {path.suffix!r} images ({path}); use one of {', '.join(IMAGE_FORMATS)}"
+        ) from None
+
+
+def check_writable(paths: list[Path], name: str = "--out") -> None:
+    """Before any model loads: each path is a writable file location (its folder is created).
+
+    A probe file is created and removed in each folder, because permission bits do not tell
+    (root on a read-only mount, /proc, a full quota)."""
+    for path in paths:
+        image_format(path, name)
+        if path.is_dir():
+            raise RequestError(
+                f"{name}: {path} is a directory; give a file name such as {path / 'image.png'}"
+            )
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".probe"):
+                pass
+        except OSError as exc:
+            raise RequestError(f"{name}: cannot write to {path.parent}: {exc.strerror or exc}") from None
+
+
+def save_image(image: np.ndarray | Image.Image, path: Path, parameters: str) -> Path:
+    """In the format of the path's extension, written atomically (temp name, then rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, png_bytes(image, parameters))
+    write_atomic(path, image_bytes(image, parameters, image_format(path)))
     return path

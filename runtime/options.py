@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 
 from runtime.bundle import Bundle
-from runtime.schedulers import SCHEDULERS
+from runtime.compose import parse_prompt
+from runtime.errors import RequestError
+from runtime.schedulers import SCHEDULERS, make_scheduler
 from runtime.tokenizer import LONG_PROMPT_MODES
 
 MODES = ("standard", "deproject", "compose")
@@ -43,24 +44,61 @@ class GenerateOptions:
         return len(self.prompts) * self.num_images
 
 
+@dataclass(frozen=True)
+class ResolvedOptions:
+    """GenerateOptions after `validate`: sizes filled in, one negative prompt per prompt.
+
+    Only `validate` makes these; the pipeline and the server take them without checking again."""
+
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...]  # exactly one per prompt ("" for none)
+    steps: int
+    guidance: float
+    seed: int
+    height: int
+    width: int
+    scheduler: str
+    mode: str
+    compose_mode: str
+    normalize: bool
+    num_images: int
+    long_prompt: str
+    latents: np.ndarray | None = field(default=None, compare=False)
+
+    @property
+    def total_images(self) -> int:
+        return len(self.prompts) * self.num_images
+
+    @property
+    def seeds(self) -> list[int]:
+        """Per image: seed + index, so image i alone reproduces with that seed."""
+        return [self.seed + i for i in range(self.total_images)]
+
+    def rngs(self) -> list[np.random.Generator]:
+        """One generator per image, seeded with its seed: its initial noise, then its step noise."""
+        return [np.random.default_rng(s) for s in self.seeds]
+
+    def initial_latents(
+        self, channels: int, vae_scale_factor: int, rngs: list[np.random.Generator] | None = None
+    ) -> np.ndarray:
+        """(N, C, h, w) starting noise: the caller's `latents`, else the first draw of each image's
+        generator (`rngs`, fresh ones by default)."""
+        if self.latents is not None:
+            return self.latents.astype(np.float32)
+        shape = (channels, self.height // vae_scale_factor, self.width // vae_scale_factor)
+        return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs or self.rngs()])
+
+
 def parse_size(text: str, name: str = "size") -> tuple[int, int]:
-    """'512x768' -> (width 512, height 768), as A1111 writes sizes; ValueError naming `name`.
+    """'512x768' -> (width 512, height 768), as A1111 writes sizes; RequestError naming `name`.
 
     Only the form is checked here: whether the bundle can make that size is `validate`'s job.
     """
     try:
         width, height = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"{name} must look like 512x512 (WIDTHxHEIGHT); got {text!r}") from None
+        raise RequestError(f"{name} must look like 512x512 (WIDTHxHEIGHT); got {text!r:.40}") from None
     return width, height
-
-
-def size_argument(text: str) -> tuple[int, int]:
-    """`parse_size` as an argparse `type=` for --size: argparse prints its message as it is."""
-    try:
-        return parse_size(text, "--size")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 _FIELDS = frozenset(f.name for f in fields(GenerateOptions))
@@ -81,50 +119,104 @@ def options_from(values: Mapping[str, Any], **overrides: Any) -> GenerateOptions
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise RequestError(f"{name} must be one of {', '.join(allowed)}; got {value!r:.60}")
 
 
-def validate(options: GenerateOptions, bundle: Bundle) -> GenerateOptions:
-    """Check every field against the bundle; return the options with sizes filled in."""
+def _check_text(name: str, texts: tuple[str, ...]) -> None:
+    """Strings only, and encodable as UTF-8: a lone surrogate (from invalid UTF-8 on the command
+    line, or a JSON escape like \\ud800) would otherwise fail deep inside the tokenizer."""
+    for text in texts:
+        if not isinstance(text, str):
+            raise RequestError(f"{name} must be text; got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RequestError(
+                f"{name} must be valid UTF-8 text; character {exc.start} is not ({text[exc.start]!r})"
+            ) from None
+
+
+def _negatives(o: GenerateOptions) -> tuple[str, ...]:
+    """The negative prompts, one per prompt: none -> "", one -> shared by all."""
+    n, given = len(o.prompts), len(o.negative_prompts)
+    if given == n:
+        return tuple(o.negative_prompts)
+    if given == 0:
+        return ("",) * n
+    if given == 1:
+        return tuple(o.negative_prompts) * n
+    allowed = "at most 1" if n == 1 else f"0, 1 or {n} (one per prompt)"
+    raise RequestError(f"negative prompts: give {allowed} for {n} prompt(s); got {given}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate(options: GenerateOptions | ResolvedOptions, bundle: Bundle) -> ResolvedOptions:
+    """Check every field against the bundle; RequestError naming the first bad one and its range."""
     o = options
-    if not o.prompts or not all(isinstance(p, str) for p in o.prompts):
-        raise ValueError("prompts must be a non-empty list of strings")
-    if len(o.negative_prompts) not in (0, 1, len(o.prompts)):
-        raise ValueError(
-            f"negative_prompts must have 0, 1 or {len(o.prompts)} entries (one per prompt); "
-            f"got {len(o.negative_prompts)}"
-        )
-    if isinstance(o.steps, bool) or not isinstance(o.steps, int) or not 1 <= o.steps <= MAX_STEPS:
-        raise ValueError(f"steps must be an integer from 1 to {MAX_STEPS}; got {o.steps!r}")
-    if not isinstance(o.guidance, (int, float)) or not math.isfinite(o.guidance) or o.guidance < 0:
-        raise ValueError(f"guidance must be a finite number >= 0; got {o.guidance!r}")
-    if isinstance(o.seed, bool) or not isinstance(o.seed, int) or not 0 <= o.seed < 2**63:
-        raise ValueError(f"seed must be an integer from 0 to 2**63-1; got {o.seed!r}")
-    if not isinstance(o.num_images, int) or not o.num_images >= 1 or o.total_images > MAX_IMAGES:
-        raise ValueError(
-            f"num_images must be >= 1 with prompts x num_images <= {MAX_IMAGES}; "
-            f"got {o.num_images!r} x {len(o.prompts)} prompts"
-        )
+    if isinstance(o, ResolvedOptions):
+        return o
+    if not isinstance(o.prompts, (tuple, list)) or not o.prompts:
+        raise RequestError("prompts must be a non-empty list of strings")
+    _check_text("prompt", o.prompts)
+    _check_text("negative prompt", tuple(o.negative_prompts))
+    negatives = _negatives(o)
     _choice("scheduler", o.scheduler, SCHEDULERS)
+    most = min(MAX_STEPS, make_scheduler(o.scheduler, bundle.scheduler_config).max_steps)
+    if not _is_int(o.steps) or not 1 <= o.steps <= most:
+        raise RequestError(f"steps must be an integer from 1 to {most}; got {o.steps!r:.40}")
+    guidance_ok = isinstance(o.guidance, (int, float)) and not isinstance(o.guidance, bool)
+    if not guidance_ok or not math.isfinite(o.guidance) or o.guidance < 0:
+        raise RequestError(f"guidance must be a finite number >= 0; got {o.guidance!r:.40}")
+    if not _is_int(o.seed) or not 0 <= o.seed < 2**63:
+        raise RequestError(f"seed must be an integer from 0 to 2**63-1; got {o.seed!r:.40}")
+    if not _is_int(o.num_images) or not o.num_images >= 1 or o.total_images > MAX_IMAGES:
+        raise RequestError(
+            f"num_images must be >= 1 with prompts x num_images <= {MAX_IMAGES}; "
+            f"got {o.num_images!r:.40} x {len(o.prompts)} prompts"
+        )
     _choice("mode", o.mode, MODES)
     _choice("compose_mode", o.compose_mode, COMPOSE_MODES)
     _choice("long_prompt", o.long_prompt, LONG_PROMPT_MODES)
+    if not isinstance(o.normalize, bool):
+        raise RequestError(f"normalize must be true or false; got {o.normalize!r:.40}")
     if o.mode != "standard" and not bundle.has_deprojector:
-        raise ValueError(f"mode {o.mode!r} needs a bundle with a deprojector; {bundle.root} has none")
+        raise RequestError(f"mode {o.mode!r} needs a bundle with a deprojector; {bundle.root} has none")
     if o.mode != "standard" and o.long_prompt == "chunk":
-        raise ValueError(
+        raise RequestError(
             "long_prompt 'chunk' works with mode 'standard' only (the deprojector makes 77 states)"
         )
+    if o.mode == "compose":
+        for prompt in o.prompts:
+            try:
+                pieces = parse_prompt(prompt)
+            except ValueError as exc:
+                raise RequestError(f"prompt: {exc}") from None
+            if not pieces:
+                raise RequestError(
+                    f"prompt must hold at least one non-empty comma-separated piece for mode compose; "
+                    f"got {prompt!r:.60}"
+                )
     h_range, w_range = bundle.image_size_range()
     height = o.height if o.height is not None else h_range.opt
     width = o.width if o.width is not None else w_range.opt
     multiple, factor = bundle.size_multiple, bundle.vae_scale_factor
     for name, value, r in (("height", height, h_range), ("width", width, w_range)):
         low, high = -(-r.min // multiple) * multiple, r.max // multiple * multiple
-        if not isinstance(value, int) or value % multiple or not low <= value <= high:
-            raise ValueError(f"{name} must be a multiple of {multiple} from {low} to {high}; got {value!r}")
+        if not _is_int(value) or value % multiple or not low <= value <= high:
+            raise RequestError(
+                f"{name} must be a multiple of {multiple} from {low} to {high}; got {value!r:.40}"
+            )
     if o.latents is not None:
-        expected = (o.total_images, bundle.manifest["latent_channels"], height // factor, width // factor)
-        if o.latents.shape != expected or not np.all(np.isfinite(o.latents)):
-            raise ValueError(f"latents must be finite with shape {expected}; got {o.latents.shape}")
-    return replace(o, height=height, width=width)
+        expected = (o.total_images, bundle.latent_channels, height // factor, width // factor)
+        if not isinstance(o.latents, np.ndarray) or o.latents.shape != expected \
+                or not np.all(np.isfinite(o.latents)):  # fmt: skip
+            raise RequestError(f"latents must be finite with shape {expected}; got {np.shape(o.latents)}")
+    return ResolvedOptions(
+        prompts=tuple(o.prompts), negative_prompts=negatives, steps=o.steps, guidance=float(o.guidance),
+        seed=o.seed, height=height, width=width, scheduler=o.scheduler, mode=o.mode,
+        compose_mode=o.compose_mode, normalize=o.normalize, num_images=o.num_images,
+        long_prompt=o.long_prompt, latents=o.latents,
+    )  # fmt: skip

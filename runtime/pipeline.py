@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime import guidance as cfg
-from runtime.backends import Backend, open_backend
+from runtime.backends import Backend, BackendConfig, open_backend
 from runtime.bundle import Bundle
 from runtime.conditioning import prompt_states
 from runtime.denoise import denoise
-from runtime.options import GenerateOptions, validate
+from runtime.guidance import uses_uncond
+from runtime.options import GenerateOptions, ResolvedOptions, validate
 from runtime.schedulers import make_scheduler
 from runtime.tokenizer import ClipTokenizer
 from runtime.vae import decode
@@ -31,48 +31,35 @@ class Cancelled(RuntimeError):
 class Result:
     images: np.ndarray  # (N, H, W, 3) uint8, prompt-major: prompt p's images are rows p*n .. p*n+n-1
     seeds: list[int]  # per image: seed + index, so image i alone reproduces with that seed
-    options: GenerateOptions
+    options: ResolvedOptions
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
 
 class Pipeline:
     """One loaded bundle and backend. Thread-safe for concurrent `generate` calls if the backend is."""
 
-    def __init__(
-        self,
-        bundle: Bundle | str | Path,
-        backend: Backend | str = "onnxruntime",
-        precision: str | None = None,
-        **backend_options: object,
-    ):
+    def __init__(self, bundle: Bundle | str | Path, backend: Backend | BackendConfig | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
-        if isinstance(backend, str):
-            backend = open_backend(backend, self.bundle, precision, **backend_options)
+        if backend is None or isinstance(backend, BackendConfig):
+            backend = open_backend(self.bundle, backend)
         self.backend = backend
-        t = self.bundle.manifest["tokenizer"]
-        self.tokenizer = ClipTokenizer(self.bundle.tokenizer_dir, t["bos_id"], t["eos_id"], t["pad_id"])
+        t = self.bundle.manifest.tokenizer
+        self.tokenizer = ClipTokenizer(self.bundle.tokenizer_dir, t.bos_id, t.eos_id, t.pad_id)
 
-    def denoising_steps(self, options: GenerateOptions) -> int:
+    def denoising_steps(self, options: GenerateOptions | ResolvedOptions) -> int:
         """UNet calls per image: PNDM makes one more than `steps` (its PLMS warm-up)."""
         o = validate(options, self.bundle)
         return len(make_scheduler(o.scheduler, self.bundle.scheduler_config).set_timesteps(o.steps))
 
     @staticmethod
-    def models_for(options: GenerateOptions) -> list[str]:
+    def models_for(options: GenerateOptions | ResolvedOptions) -> list[str]:
         """The bundle models a generation runs, in the order it first needs them."""
         text = ["clip"] if options.mode == "standard" else ["clip", "deprojector"]
         return [*text, "unet", "vae_decoder"]
 
-    def _initial_latents(self, o: GenerateOptions, rngs: list[np.random.Generator]) -> np.ndarray:
-        if o.latents is not None:
-            return o.latents.astype(np.float32)
-        f = self.bundle.vae_scale_factor
-        shape = (self.bundle.manifest["latent_channels"], o.height // f, o.width // f)  # type: ignore[operator]
-        return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
-
     def generate(
         self,
-        options: GenerateOptions,
+        options: GenerateOptions | ResolvedOptions,
         on_step: StepCallback | None = None,
         cancel: Callable[[], bool] | None = None,
     ) -> Result:
@@ -84,11 +71,11 @@ class Pipeline:
         uncond, cond = (np.repeat(s, o.num_images, axis=0) for s in (uncond, cond))  # (N, 77·k, D)
         timings["text"] = time.perf_counter() - start
 
-        seeds = [o.seed + i for i in range(o.total_images)]
-        rngs = [np.random.default_rng(s) for s in seeds]
-        latents = self._initial_latents(o, rngs)  # (N, 4, h, w)
+        rngs = o.rngs()
+        latents = o.initial_latents(self.bundle.latent_channels, self.bundle.vae_scale_factor, rngs)
+        # latents: (N, 4, h, w)
         per_call = max(
-            1, self.bundle.models["unet"].dims["batch"].max // (2 if cfg.uses_uncond(o.guidance) else 1)
+            1, self.bundle.models["unet"].dims["batch"].max // (2 if uses_uncond(o.guidance) else 1)
         )
 
         start = time.perf_counter()
@@ -103,11 +90,11 @@ class Pipeline:
         start = time.perf_counter()
         images = decode(self.backend, np.concatenate(finished))
         timings["decode"] = time.perf_counter() - start
-        return Result(images, seeds, o, timings)
+        return Result(images, o.seeds, o, timings)
 
     def _denoise(
         self,
-        o: GenerateOptions,
+        o: ResolvedOptions,
         latents: np.ndarray,
         uncond: np.ndarray,
         cond: np.ndarray,
@@ -117,7 +104,7 @@ class Pipeline:
     ) -> np.ndarray:
         scheduler = make_scheduler(o.scheduler, self.bundle.scheduler_config)
         timesteps = scheduler.set_timesteps(o.steps)
-        states = np.concatenate([uncond, cond]) if cfg.uses_uncond(o.guidance) else cond
+        states = np.concatenate([uncond, cond]) if uses_uncond(o.guidance) else cond
 
         def noise() -> np.ndarray:
             return np.stack([rng.standard_normal(latents.shape[1:], dtype=np.float32) for rng in rngs])

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 CONTEXT_LENGTH = 77
 LATENT_CHANNELS = 4
 VAE_SCALE_FACTOR = 8
-VAE_SCALING = 0.18215
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.options import size_argument
+from runtime.cli import size_argument
 
 # runtime engines: (backend, precision) of `python -m runtime.generate --backend --precision`
 RUNTIME_ENGINES = {
@@ -77,7 +77,7 @@ def _timed_runs(first: Any, repeats: int, run: Any) -> dict[str, Any]:
 
 
 def worker_runtime(args: argparse.Namespace, t0: float, backend_name: str, precision: str) -> dict[str, Any]:
-    from runtime.backends import open_backend
+    from runtime.backends import BackendConfig, open_backend
     from runtime.bundle import Bundle
     from runtime.options import GenerateOptions
     from runtime.pipeline import Pipeline
@@ -102,7 +102,9 @@ def worker_runtime(args: argparse.Namespace, t0: float, backend_name: str, preci
             self.inner.close()
 
     bundle = Bundle.open(args.bundle)
-    backend = TimedBackend(open_backend(backend_name, bundle, precision=precision, threads=args.threads))
+    backend = TimedBackend(
+        open_backend(bundle, BackendConfig(backend_name, precision=precision, threads=args.threads))
+    )
     pipe = Pipeline(bundle, backend)
     width, height = args.size
     options = GenerateOptions(
@@ -166,7 +168,7 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
     from runtime.bundle import Bundle
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    source = Bundle.open(args.bundle).manifest["source"]
+    source = Bundle.open(args.bundle).manifest.source
     model = source["preset"] if source["kind"] == "preset" else source["path"]
     c = load_model(model, seed=source.get("seed", 0))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]

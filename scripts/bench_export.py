@@ -43,9 +43,9 @@ def main() -> int:
     peak = result.peak_rss_bytes
     print(f"{'total':<28} {wall:8.1f} {peak / 1e9:12.2f}")
     sizes = {
-        entry["file"]: entry["bytes"] + entry.get("external_data_bytes", 0)
-        for model in result.manifest["models"].values()
-        for entry in model["files"].values()
+        entry.file: entry.bytes + (entry.external_data_bytes or 0)
+        for model in result.manifest.models.values()
+        for entry in model.files.values()
     }
     report = {
         "model": args.model,
@@ -58,7 +58,7 @@ def main() -> int:
             for r in result.stages
         ],
         "file_bytes": sizes,
-        "warnings": result.manifest.get("warnings", []),
+        "warnings": list(result.manifest.warnings),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -9,7 +9,9 @@ bash scripts/bootstrap.sh
 .venv/bin/mypy --strict engines runtime/backends/tensorrt.py runtime/backends/trt_manifest.py \
   runtime/backends/trt_shapes.py
 status=0
-.venv/bin/python -m pytest -q "$@" || status=$?
+# Two workers (pytest-xdist), whole files per worker: a module's fixtures (a Ray cluster, a server
+# process) stay in one process; the torch-exported tiny bundle is shared through a file lock.
+.venv/bin/python -m pytest -q -n 2 --dist loadfile "$@" || status=$?
 # pytest exits 5 when nothing was collected: that is a failure for us, not a pass.
 [ "$status" -eq 5 ] && echo "no tests were collected" >&2
 exit "$status"

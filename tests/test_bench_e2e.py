@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # runs the bench in subprocesses
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,10 +15,12 @@ from export.compare.cli import main
 from export.models import build_preset
 from export.onnx_export import ClipWrapper
 from export.reference import ReferencePipeline
-from runtime.backends import open_backend
+from runtime.backends import BackendConfig, open_backend
 from runtime.bundle import Bundle
 from runtime.options import GenerateOptions
 from runtime.pipeline import Pipeline
+
+pytestmark = pytest.mark.integration  # runs the PyTorch side of the compare tool
 
 SIZE, STEPS, SEED = 64, 3, 5
 PROMPT, NEGATIVE = "a photo of a cat", "blurry"
@@ -88,7 +90,7 @@ def test_component_numbers_match_an_independent_computation(compared, tiny_bundl
     ).input_ids
     with torch.no_grad():
         want = ClipWrapper(components.text_encoder, components.text_projection)(ids)[0].numpy()
-    backend = open_backend("onnxruntime", Bundle.open(tiny_bundle), threads=2)
+    backend = open_backend(Bundle.open(tiny_bundle), BackendConfig(threads=2))
     got = backend.run("clip", {"input_ids": ids.numpy().astype(np.int32)})["last_hidden_state"]
     a, b = got.astype(np.float64).reshape(2, -1), want.astype(np.float64).reshape(2, -1)
     cosine = min((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
@@ -113,7 +115,7 @@ def test_image_numbers_match_an_independent_run(compared, tiny_bundle):
     )
     theirs = (theirs[0] * 255).round().astype(np.uint8)
     ours = (
-        Pipeline(tiny_bundle, threads=2)
+        Pipeline(tiny_bundle, BackendConfig(threads=2))
         .generate(
             GenerateOptions(
                 prompts=(PROMPT,),
@@ -166,14 +168,14 @@ def test_impossible_gate_exits_1(tiny_bundle, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--bundle", "{missing}"], "no manifest.json"),
+        (["--bundle", "{missing}"], "is not a directory: create one with `python -m export`"),
         (["--size", "100x100"], "--size: height must be a multiple of"),
         (["--size", "big"], "WIDTHxHEIGHT"),
-        (["--runs", "0"], "must be >= 1"),
+        (["--runs", "0"], "must be an integer >= 1"),
         (["--min-cosine", "2"], "from -1 to 1"),
         (["--scheduler", "euler_a"], "invalid choice"),
         (["--max-abs-unet", "-1"], "from 0 to inf"),
-        (["--precision", "bf16"], "--precision: precision bf16 needs backend openvino"),
+        (["--precision", "bf16"], "--precision/--threads: precision must be fp32 or fp16 for backend"),
     ],
 )
 def test_bad_arguments_exit_2(tiny_bundle, tmp_path, capsys, args, message):

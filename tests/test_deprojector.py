@@ -38,6 +38,8 @@ from export.deprojector import (
 )
 from export.deprojector.layers import EncoderLayer, causal_mask
 
+pytestmark = pytest.mark.integration  # imports torch
+
 HIDDEN = 64
 BOS, EOS = 49406, 49407
 EMPTY_IDS = torch.tensor([BOS] + [EOS] * 76)  # "" tokenized and padded to 77

@@ -19,10 +19,11 @@ pytestmark = pytest.mark.gpu
 pytest.importorskip("tensorrt")
 pytest.importorskip("cuda.bindings.runtime")
 
-from engines.cli import main as build_main  # noqa: E402
-from runtime.backends import BackendError  # noqa: E402
+from engines.build import main as build_main  # noqa: E402
+from runtime.backends import BackendConfig, BackendError  # noqa: E402
 from runtime.backends.onnxruntime import OrtBackend  # noqa: E402
 from runtime.backends.tensorrt import TensorRTUnavailable, TrtBackend, probe_environment  # noqa: E402
+from runtime.backends.trt_shapes import NoProfile  # noqa: E402
 from runtime.bundle import Bundle  # noqa: E402
 from runtime.options import GenerateOptions  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
@@ -34,6 +35,11 @@ except TensorRTUnavailable as exc:  # stubs only, or no CUDA device
 
 MIN_COSINE = 0.999
 SIZE = 128  # the tiny bundle's default image size
+
+
+def trt(bundle: Bundle, engine_dir: Path, cuda_graphs: bool = True) -> TrtBackend:
+    config = BackendConfig(backend="tensorrt", engine_dir=engine_dir, cuda_graphs=cuda_graphs)
+    return TrtBackend(bundle, config)
 
 
 def cosine(a: np.ndarray, b: np.ndarray, axis: int | None = None) -> np.ndarray:
@@ -58,14 +64,14 @@ def engine_dir(bundle: Bundle, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def trt_backend(bundle: Bundle, engine_dir: Path):
-    backend = TrtBackend(bundle, engine_dir=engine_dir)
+    backend = trt(bundle, engine_dir)
     yield backend
     backend.close()
 
 
 @pytest.fixture(scope="module")
 def ort_fp32(bundle: Bundle):
-    return OrtBackend(bundle, precision="fp32")
+    return OrtBackend(bundle, BackendConfig(precision="fp32"))
 
 
 def feeds(
@@ -96,6 +102,7 @@ def test_engine_manifest_records_this_gpu(engine_dir: Path):
     ]
     for entry in manifest["engines"].values():
         assert entry["environment"]["tensorrt"] == ENV.tensorrt
+        assert entry["environment"]["tensorrt_cuda"] == ENV.tensorrt_cuda != "unknown"
         assert entry["environment"]["compute_capability"] == ENV.compute_capability
         assert entry["flags"] == {"precision": "fp16", "strongly_typed": True}
 
@@ -118,7 +125,7 @@ def test_requests_route_to_static_and_ranged_profiles_and_split_batches(bundle, 
         ours = trt_backend.run("unet", inputs)["noise_pred"]
         assert ours.shape == (batch, 4, height, width)
         assert cosine(ours, ort_fp32.run("unet", inputs)["noise_pred"]) >= MIN_COSINE
-    with pytest.raises(BackendError, match="--shapes 512x128"):
+    with pytest.raises(NoProfile, match="--shapes 512x128"):
         trt_backend.run("unet", feeds(bundle, "unet", 1, 16, 64))
     long_ids = {"input_ids": np.tile(feeds(bundle, "clip")["input_ids"], (1, 2))}  # a 154-token prompt
     ours, expected = trt_backend.run("clip", long_ids), ort_fp32.run("clip", long_ids)
@@ -127,17 +134,22 @@ def test_requests_route_to_static_and_ranged_profiles_and_split_batches(bundle, 
 
 def test_cuda_graphs_on_and_off_agree_exactly(bundle, engine_dir, caplog):
     caplog.set_level(logging.DEBUG, logger="runtime.backends.tensorrt")
-    with_graphs = TrtBackend(bundle, engine_dir=engine_dir)
-    without = TrtBackend(bundle, engine_dir=engine_dir, cuda_graphs=False)
+    with_graphs, without = trt(bundle, engine_dir), trt(bundle, engine_dir, cuda_graphs=False)
     try:
-        for seed in (1, 2, 3):  # capture on the first call, replay with new inputs afterwards
-            inputs = feeds(bundle, "unet", seed=seed)
-            graphed = with_graphs.run("unet", inputs)["noise_pred"]
-            np.testing.assert_array_equal(graphed, without.run("unet", inputs)["noise_pred"])
+        # capture on the first call of each shape, replay with new inputs afterwards; 6 rows are
+        # split 4 + 2 and alternate with a ranged-profile size, so three graphs stay cached
+        for seed in (1, 2, 3):
+            for batch, side in ((6, SIZE // 8), (2, 24)):
+                inputs = feeds(bundle, "unet", batch, side, side, seed=seed)
+                graphed = with_graphs.run("unet", inputs)["noise_pred"]
+                np.testing.assert_array_equal(graphed, without.run("unet", inputs)["noise_pred"])
+        (plan,) = with_graphs._plans.values()
+        assert len(plan.graphs) == 3
     finally:
         with_graphs.close()
         without.close()
-    assert "captured a CUDA graph" in caplog.text and "capture failed" not in caplog.text
+    assert "captured a CUDA graph" in caplog.text and "capture for" not in caplog.text
+    assert "replaying the CUDA graph" not in caplog.text
 
 
 def _copy(engine_dir: Path, tmp_path: Path) -> Path:
@@ -163,7 +175,7 @@ def test_corrupt_plans_are_refused_without_crashing(bundle, engine_dir, tmp_path
         entry["plan_sha256"] = hashlib.sha256(garbage).hexdigest()  # passes the hash check
 
     _edit(copy, "unet", corrupt)
-    backend = TrtBackend(bundle, engine_dir=copy)
+    backend = trt(bundle, copy)
     with pytest.raises(BackendError, match="(?s)could not deserialize .*--rebuild-stale"):
         backend.run("unet", feeds(bundle, "unet"))
     _edit(copy, "vae_decoder", lambda entry: (copy / entry["plan"]).write_bytes(b"truncated"))
@@ -173,7 +185,7 @@ def test_corrupt_plans_are_refused_without_crashing(bundle, engine_dir, tmp_path
     backend.close()
 
     assert build_main([str(bundle.root), "--engine-dir", str(copy), "--rebuild-stale"]) == 0
-    repaired = TrtBackend(bundle, engine_dir=copy)
+    repaired = trt(bundle, copy)
     assert repaired.run("unet", feeds(bundle, "unet"))["noise_pred"].shape == (2, 4, 16, 16)
     repaired.close()
 
@@ -186,9 +198,9 @@ def test_foreign_engines_are_refused_then_rebuilt(bundle, engine_dir, tmp_path):
     with pytest.raises(
         BackendError, match=rf"(?s){re.escape(name)}: built for compute capability 1.0 .*--rebuild-stale"
     ):
-        TrtBackend(bundle, engine_dir=copy)
+        trt(bundle, copy)
     assert build_main([str(bundle.root), "--engine-dir", str(copy), "--rebuild-stale"]) == 0
-    TrtBackend(bundle, engine_dir=copy).close()
+    trt(bundle, copy).close()
 
 
 @pytest.mark.parametrize("mode", ["standard", "compose"])
@@ -202,11 +214,11 @@ def test_pipeline_end_to_end(bundle, engine_dir, mode):
         width=SIZE,
         mode=mode,
     )
-    with_trt = Pipeline(bundle, backend=TrtBackend(bundle, engine_dir=engine_dir))
+    with_trt = Pipeline(bundle, backend=trt(bundle, engine_dir))
     try:
         ours = with_trt.generate(options).images
     finally:
         with_trt.close()
-    reference = Pipeline(bundle, backend=OrtBackend(bundle, precision="fp32")).generate(options).images
+    reference = Pipeline(bundle, backend=OrtBackend(bundle)).generate(options).images
     assert ours.shape == reference.shape == (1, SIZE, SIZE, 3) and ours.dtype == np.uint8
     assert cosine(ours - 127.5, reference - 127.5) >= 0.99

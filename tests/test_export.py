@@ -37,10 +37,15 @@ from export.models import load_model, save_diffusers_folder
 from export.onnx_export import example_ids
 from runtime.bundle import Bundle
 from runtime.files import sha256_file
+from runtime.integrity import STAMP_NAME
+from runtime.manifest import FORMAT_VERSION, Manifest
 from runtime.specs import clip_spec, deprojector_spec, unet_spec, vae_decoder_spec
 
+pytestmark = pytest.mark.integration  # exports with torch
+
 HIDDEN = 64  # tiny preset
-CACHES = (".ort_cache", ".ov_cache")  # what the runtime backends write into a bundle they run
+# What the runtime writes into a bundle it runs: backends' derived graphs, the integrity stamp.
+CACHES = (".ort_cache", ".ov_cache", STAMP_NAME)
 
 
 @pytest.fixture(scope="module")
@@ -248,9 +253,9 @@ def test_manifest_describes_the_files(tiny_bundle: Path) -> None:
         assert set(entry.files) == {"fp32", "fp16"}
         for precision, record in manifest["models"][name]["files"].items():
             path = tiny_bundle / record["file"]
-            assert path == entry.path(precision)
+            assert record == entry.files[precision].to_json()  # written through the typed schema
             assert sha256_file(path) == record["sha256"] and path.stat().st_size == record["bytes"]
-            assert record["external_data"] is None and record["trt_unsupported_ops"] == []
+            assert record["external_data"] is None and "trt_unsupported_ops" not in record  # none
             model = onnx.load(str(path), load_external_data=False)
             assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {18}
             assert [i.name for i in model.graph.input] == specs[name].input_names
@@ -261,14 +266,17 @@ def test_manifest_describes_the_files(tiny_bundle: Path) -> None:
     for name, entry in bundle.models.items():
         ort_files = manifest["models"][name].get("ort_files", {})
         if name not in expected_fused:
-            assert ort_files == {} and entry.ort_path("fp32") == entry.path("fp32")
+            assert ort_files == {} and entry.ort_files == {}
+            assert bundle.graph(name, "fp32", fused=True) == entry.files["fp32"]
             continue
         record = ort_files["fp32"]
         assert record["fused"] == {"MultiHeadAttention": expected_fused[name]}
-        assert entry.ort_path("fp32") == tiny_bundle / record["file"] == tiny_bundle / f"{name}.ort.onnx"
+        fused = bundle.graph(name, "fp32", fused=True)
+        assert fused.file == record["file"] == f"{name}.ort.onnx"
         assert sha256_file(tiny_bundle / record["file"]) == record["sha256"]
-        assert entry.ort_path("fp16") == entry.path("fp16")  # no fused fp16: ORT's CPU MHA is fp32
-        fused_ops = {n.op_type for n in onnx.load(str(entry.ort_path("fp32"))).graph.node}
+        # no fused fp16: ORT's CPU MHA is fp32
+        assert bundle.graph(name, "fp16", fused=True) == entry.files["fp16"]
+        fused_ops = {n.op_type for n in onnx.load(str(tiny_bundle / fused.file)).graph.node}
         assert "MultiHeadAttention" in fused_ops and "Softmax" not in fused_ops
     unet = bundle.models["unet"].dims
     assert (unet["height"].min, unet["height"].opt, unet["height"].max) == (8, 16, 128)
@@ -291,6 +299,8 @@ def test_manifest_describes_the_files(tiny_bundle: Path) -> None:
     for file, digest in manifest["tokenizer"]["files"].items():
         assert sha256_file(bundle.tokenizer_dir / file) == digest
     assert manifest["warnings"] == []
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert Manifest.from_json(manifest).to_json() == manifest  # the schema round-trips what was written
     # no staging or temp files left (runtime tests may add their backends' caches)
     assert [p.name for p in tiny_bundle.iterdir() if p.name.startswith(".") and p.name not in CACHES] == []
 
@@ -417,8 +427,8 @@ def test_diffusers_folder_exports_like_the_preset(tiny_bundle: Path, tmp_path: P
         main(["--model", str(folder), "--out", str(out), "--precision", "fp32", "--deprojector", "none"]) == 0
     )
     bundle = Bundle.open(out)
-    assert bundle.manifest["source"]["kind"] == "diffusers_folder" and not bundle.has_deprojector
-    assert bundle.manifest["projection_dim"] is None  # SD folders carry no text_projection
+    assert bundle.manifest.source["kind"] == "diffusers_folder" and not bundle.has_deprojector
+    assert bundle.manifest.projection_dim is None  # SD folders carry no text_projection
     assert [o.name for o in bundle.models["clip"].spec.outputs] == ["last_hidden_state", "pooled"]
     feeds = {"input_ids": example_ids(2, 154).numpy()}
     got = _session(out / "unet.onnx").run(
@@ -500,7 +510,7 @@ def test_lean_external_data_round_trip(tmp_path: Path, monkeypatch: pytest.Monke
     assert onnx_io.save(half, out / "m.fp16.onnx") == "m.fp16.onnx.data"
     graph.check(out / "m.fp16.onnx")
     x = np.random.default_rng(2).standard_normal((2, 8)).astype(np.float32)
-    want = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    want = _session(path).run(None, {"x": x})[0]
     got = _evaluate(str(out / "m.fp16.onnx"), {"x": x})[0]
     assert _min_cosine(got, want, per_position=False) >= 0.999
 
@@ -533,7 +543,7 @@ def test_sd15_export_within_targets_and_matches_pytorch(tmp_path: Path) -> None:
     result = export_bundle(ExportOptions(model="sd15", out=out, precision="both"))
     assert result.seconds <= 600 and result.peak_rss_bytes <= 12e9
     bundle = Bundle.open(out)
-    assert bundle.manifest["models"]["unet"]["files"]["fp32"]["external_data"] == "unet.onnx.data"
+    assert bundle.models["unet"].files["fp32"].external_data == "unet.onnx.data"
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".data")) == [
         "unet.fp16.onnx.data",
         "unet.onnx.data",
@@ -554,7 +564,8 @@ def test_sd15_export_within_targets_and_matches_pytorch(tmp_path: Path) -> None:
     del components, built  # torch and an ORT UNet session together would need ~12 GB
     for name, inputs in cases.items():
         for precision, floor in (("fp32", 0.99999), ("fp16", 0.999)):
-            session = ort.InferenceSession(str(bundle.models[name].path(precision)))
+            path = out / bundle.models[name].files[precision].file
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
             feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs, strict=True)}
             for g, w in zip(session.run(None, feeds), wants[name], strict=True):
                 cosine = _min_cosine(g, w, per_position=name == "deprojector")

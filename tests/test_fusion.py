@@ -10,6 +10,8 @@ from onnx import ModelProto, TensorProto, helper, numpy_helper
 
 from export.fusion import fuse_attention
 
+pytestmark = pytest.mark.integration  # exports with torch
+
 BATCH, SEQ, KV_SEQ, HEADS, HEAD_DIM = 2, 16, 7, 4, 8
 
 

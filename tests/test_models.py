@@ -7,6 +7,8 @@ import torch
 
 from export.models import build_preset, load_model, load_text_projection, save_diffusers_folder
 
+pytestmark = pytest.mark.integration  # builds the torch models
+
 
 def _params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

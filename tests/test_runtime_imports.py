@@ -27,7 +27,7 @@ CASES = {
     "cli": "import runtime.generate as g; g.parse_args(['x'])",
     # The HTTP layer (FastAPI, uvicorn, prometheus, the v2 codec) must not drag torch in either.
     "server": "import uvicorn, runtime.serve, runtime.serving.app; runtime.serve.parse_args([])",
-    "ray": "import ray, ray.serve, runtime.serve_ray as s; s.deployment(s.spec_from_args(s.parse_args([])))",
+    "ray": "import ray, ray.serve, runtime.serve_ray as s; s.deployment(s.parse_args([])[0])",
 }
 NEEDS = {"ray": "ray"}  # optional extras: the case is skipped where the extra is not installed
 

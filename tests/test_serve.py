@@ -29,22 +29,25 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from runtime.backends.config import BackendConfig  # noqa: E402
 from runtime.options import GenerateOptions  # noqa: E402
 from runtime.serving import Engine, EngineConfig, Limits  # noqa: E402
-from runtime.serving.app import ServerSettings, create_app, wants_png  # noqa: E402
+from runtime.serving.app import create_app, wants_png  # noqa: E402
+from runtime.serving.listener import uvicorn_config  # noqa: E402
+from runtime.serving.options import ServerOptions  # noqa: E402
 
 LIMITS = Limits(max_steps=400, max_images=4, max_prompt_chars=2000, max_body_bytes=64_000, timeout_s=60)
 FAST = {"steps": 2}  # a valid request that costs ~0.1 s on tiny
 
 
 @contextmanager
-def serve(engine: Engine, settings: ServerSettings) -> Iterator[tuple[str, Any]]:
-    """Run the app on 127.0.0.1:<ephemeral> in a thread; yields (base url, server)."""
+def serve(engine: Engine, options: ServerOptions) -> Iterator[tuple[str, Any]]:
+    """Run the app on 127.0.0.1:<ephemeral> in a thread, on the guarded listener `runtime.serve`
+    uses; yields (base url, server)."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    config = uvicorn.Config(create_app(engine, settings), log_level="warning", timeout_graceful_shutdown=20)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(engine, options), options, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -72,7 +75,7 @@ def engine(tiny_bundle: Path) -> Engine:
 
 @pytest.fixture(scope="module")
 def server(engine: Engine) -> Iterator[str]:
-    with serve(engine, ServerSettings(limits=LIMITS)) as (url, _):
+    with serve(engine, ServerOptions(limits=LIMITS)) as (url, _):
         yield url
 
 
@@ -111,8 +114,8 @@ BAD = [
     ("unknown field", {"prompt": "cat", "stepz": 5}, 422, "stepz: Extra inputs are not permitted"),
     ("huge prompt", {"prompt": "cat " * 1000}, 422, "prompt must be at most 2000 characters"),
     ("huge body", {"prompt": "x" * 100_000}, 413, "at most 64000 bytes"),
-    ("steps 0", {"prompt": "cat", "steps": 0}, 422, "steps must be an integer from 1 to 1000; got 0"),
-    ("steps 100000", {"prompt": "cat", "steps": 100000}, 422, "steps must be an integer from 1 to 1000"),
+    ("steps 0", {"prompt": "cat", "steps": 0}, 422, "steps must be an integer from 1 to 999; got 0"),
+    ("steps 100000", {"prompt": "cat", "steps": 100000}, 422, "steps must be an integer from 1 to 999"),
     ("steps over limit", {"prompt": "cat", "steps": 500}, 422, "steps must be from 1 to 400 on this server"),
     ("size not multiple", {"prompt": "cat", "size": "100x96"}, 422, "width must be a multiple of 16"),
     (
@@ -224,7 +227,7 @@ def test_concurrent_requests_of_different_shapes(client: httpx.Client, engine: E
 
 def test_engine_batches_same_shape_exactly(tiny_bundle: Path) -> None:
     config = EngineConfig(workers=1, max_batch=4, max_wait_s=0.5, warmup=False)
-    with Engine.open(tiny_bundle, config=config, threads=1) as engine:
+    with Engine.open(tiny_bundle, BackendConfig(threads=1), config) as engine:
         engine.start()
         options = [GenerateOptions(prompts=(f"p{i}",), steps=2, seed=i, scheduler="ddim") for i in range(3)]
         jobs = [engine.submit(o, timeout=30) for o in options]
@@ -244,7 +247,7 @@ def test_deadline_cancels_generation(client: httpx.Client) -> None:
 
 
 def test_auth(engine: Engine) -> None:
-    app = create_app(engine, ServerSettings(limits=LIMITS, token="s3cret", manage_engine=False))
+    app = create_app(engine, ServerOptions(limits=LIMITS, token="s3cret"), manage_engine=False)
     web = TestClient(app)  # no lifespan: shares the module's running engine
     assert web.get("/healthz").status_code == 200
     r = web.post("/v1/generate", json={"prompt": "cat", **FAST})
@@ -310,7 +313,7 @@ def test_tritonclient_infer(server: str, client: httpx.Client) -> None:
     np.testing.assert_array_equal(image[0], pixels)
     assert result.as_numpy("parameters")[0].decode() == text
 
-    with pytest.raises(InferenceServerException, match="steps must be an integer from 1 to 1000"):
+    with pytest.raises(InferenceServerException, match="steps must be an integer from 1 to 999"):
         triton.infer("sdrt", [inputs[0], tensor("steps", np.array([0], dtype=np.int32), "INT32")])
     with pytest.raises(InferenceServerException, match="input steps must be an INT or UINT type"):
         triton.infer("sdrt", [inputs[0], tensor("steps", np.array([2.0], dtype=np.float32), "FP32")])
@@ -342,7 +345,8 @@ def _wait_for(condition: object, seconds: float = 20) -> None:
 def test_full_queue_disconnect_and_graceful_shutdown(tiny_bundle: Path) -> None:
     engine = Engine.open(tiny_bundle, config=EngineConfig(workers=1, max_queue=1, warmup=False))
     slow = {"prompt": "slow", "steps": 400, "size": "256x256"}
-    with serve(engine, ServerSettings(limits=LIMITS)) as (url, server), httpx.Client(base_url=url) as c:
+    options = ServerOptions(limits=LIMITS, shutdown_grace_s=20)
+    with serve(engine, options) as (url, server), httpx.Client(base_url=url) as c:
         running = _raw_request(url, slow)
         _wait_for(lambda: engine.in_flight == 1)
         queued = _raw_request(url, slow)

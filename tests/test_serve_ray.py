@@ -3,7 +3,8 @@
 Two replicas serve concurrent requests (both answer); images equal the CLI's byte for byte; bad
 requests get the same status and body as the single-process server; killing a replica under load
 loses no request (what Ray cannot retry the client retries, on the statuses `is_retryable` names)
-and the service is back to two healthy replicas afterwards. CLI/config checks need no cluster.
+and the service is back to two healthy replicas afterwards. CLI/config checks need no cluster
+(they run on the torch-free fake bundle); every test that starts Ray is marked `integration`.
 """
 
 from __future__ import annotations
@@ -27,17 +28,19 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
+from runtime.backends.config import BackendConfig  # noqa: E402
+from runtime.bundle import BundleError  # noqa: E402
+from runtime.errors import RequestError  # noqa: E402
 from runtime.options import GenerateOptions  # noqa: E402
 from runtime.serve_ray import (  # noqa: E402
     APP_NAME,
     DEPLOYMENT_NAME,
     REPLICA_HEADER,
-    args_to_argv,
+    DeploymentSpec,
     build_app,
     is_retryable,
     parse_args,
     replica_threads,
-    spec_from_args,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,54 +54,87 @@ SLOW = {"steps": 40, "size": "128x128", "scheduler": "ddim"}  # ~0.5 s per reque
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--replicas", "0"], "argument --replicas: must be an integer from 1 to 1024; got '0'"),
+        (["--replicas", "0"], "argument --replicas: must be an integer from 1 to 1024; got 0"),
         (["--port", "70000"], "argument --port: must be an integer from 1 to 65535"),
-        (["--max-ongoing-requests", "x"], "argument --max-ongoing-requests: must be an integer from 1"),
+        (["--max-ongoing-requests", "x"], "argument --max-ongoing-requests: invalid int value: 'x'"),
         (["--num-gpus-per-replica", "nan"], "argument --num-gpus-per-replica: must be a number from 0 to 16"),
-        (["--min-replicas", "2"], "autoscaling needs both --min-replicas and --max-replicas"),
-        (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas (3) must be <= --max-replicas (2)"),
-        (["--workers", "4", "--max-ongoing-requests", "2"], "(2) must be >= --workers (4)"),
-        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["--min-replicas", "2"], "autoscaling needs both min_replicas and max_replicas"),
+        (["--min-replicas", "3", "--max-replicas", "2"], "--min-replicas: (3) must be <= max_replicas (2)"),
+        (["--workers", "4", "--max-ongoing-requests", "2"], "--max-ongoing-requests: (2) must be >= workers"),
+        (["--device", "tpu"], "device must be cpu or cuda or tensorrt for backend onnxruntime; got 'tpu'"),
+        (["--threads", "0"], "argument --threads: must be an integer >= 1; got 0"),
+        (["--max-queue", "3"], "unrecognized arguments: --max-queue"),
     ],
-)
+)  # fmt: skip
 def test_bad_cli_args_exit_2(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
-    with pytest.raises(ValueError, match="must|needs|invalid"):
-        parse_args(argv, raise_errors=True)
 
 
-def test_build_app_names_the_bad_arg(tiny_bundle: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--replicas: must be an integer from 1"):
-        build_app({"bundle": str(tiny_bundle), "replicas": -1})
-    with pytest.raises(ValueError, match="--bundle: bundle .* has no manifest.json"):
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ({"replicas": -1}, RequestError, "replicas must be an integer from 1 to 1024; got -1"),
+        ({"replicas": "2"}, RequestError, "replicas must be an integer; got '2'"),
+        ({"replica": 2}, RequestError, "unknown setting(s) replica; allowed: "),
+        ({"port": 8000}, RequestError, "port: set http_options.port in the config file"),
+        ({"max_queue": 8}, RequestError, "max_queue: a replica's engine queue is sized from"),
+        ({"keep_alive": 8}, RequestError, "keep_alive: Ray's HTTP proxy owns the connections"),
+        ({"verify": "sha1"}, RequestError, "verify must be one of stamp, full, off; got 'sha1'"),
+        ({"no_warmup": "yes"}, RequestError, "no_warmup must be true or false; got 'yes'"),
+    ],
+)  # fmt: skip
+def test_build_app_names_the_bad_arg(
+    fake_bundle: Path, args: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error) as info:
+        build_app({"bundle": str(fake_bundle), **args})
+    assert message in str(info.value)
+
+
+def test_build_app_checks_the_bundle_on_the_driver(tmp_path: Path) -> None:
+    with pytest.raises(RequestError, match="has no manifest.json"):  # no bundle there: the caller's slip
         build_app({"bundle": str(tmp_path)})
-    with pytest.raises(ValueError, match="unrecognized arguments: --replica"):
-        build_app({"bundle": str(tiny_bundle), "replica": 2})
+    (tmp_path / "manifest.json").write_text("[1, 2]")
+    with pytest.raises(BundleError, match="manifest.json"):  # a damaged bundle: the installation's fault
+        build_app({"bundle": str(tmp_path)})
 
 
 def test_deployment_options() -> None:
-    cpu = spec_from_args(parse_args(["--replicas", "2"]))
+    cpu, address = parse_args(["--replicas", "2", "--address", "auto"])
+    assert address == "auto"
     options = cpu.deployment_options()
     assert options["num_replicas"] == 2 and "autoscaling_config" not in options
     cores = os.cpu_count() or 1
     assert options["ray_actor_options"] == {"num_cpus": float(max(1, cores // 2)), "num_gpus": 0.0}
-    assert cpu.replica.engine.max_queue == options["max_ongoing_requests"] == 4
-    gpu = spec_from_args(parse_args(["--device", "cuda", "--min-replicas", "1", "--max-replicas", "8"]))
+    assert cpu.server.engine.max_queue == options["max_ongoing_requests"] == 4
+    gpu = parse_args(["--device", "cuda", "--min-replicas", "1", "--max-replicas", "8"])[0]
     options = gpu.deployment_options()
     assert options["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert options["autoscaling_config"] == {
         "min_replicas": 1, "max_replicas": 8, "initial_replicas": 1, "target_ongoing_requests": 2.0,
     }  # fmt: skip
     assert "num_replicas" not in options
-    trt = spec_from_args(parse_args(["--backend", "tensorrt", "--num-gpus-per-replica", "0.5"]))
+    trt = parse_args(["--backend", "tensorrt", "--num-gpus-per-replica", "0.5"])[0]
     assert trt.num_gpus == 0.5
     # threads: the replica's Ray CPUs split between its workers; explicit --threads wins
-    assert replica_threads(cpu.replica, 3.0) == 3
-    assert replica_threads(spec_from_args(parse_args(["--workers", "2"])).replica, 3.0) == 1
-    assert replica_threads(spec_from_args(parse_args(["--threads", "5"])).replica, 1.0) == 5
+    assert replica_threads(cpu.server, 3.0) == 3
+    assert replica_threads(parse_args(["--workers", "2"])[0].server, 3.0) == 1
+    assert replica_threads(parse_args(["--threads", "5"])[0].server, 1.0) == 5
+
+
+def test_cli_and_config_mapping_build_the_same_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDRT_TOKEN", "from-env")
+    argv = ["--bundle", "b", "--replicas", "3", "--max-wait-ms", "7", "--no-warmup", "--verify", "full",
+            "--read-timeout", "4", "--max-steps", "60"]  # fmt: skip
+    mapping = {"bundle": "b", "replicas": 3, "max_wait_ms": 7, "no_warmup": True, "verify": "full",
+               "read_timeout": 4, "max_steps": 60}  # fmt: skip
+    from_cli, from_config = parse_args(argv)[0], DeploymentSpec.from_mapping(mapping).validate()
+    assert from_cli == from_config
+    assert from_cli.server.token == "from-env" and from_cli.server.engine.max_wait_s == 0.007
+    assert from_cli.server.verify == "full" and not from_cli.server.engine.warmup
 
 
 def test_config_file_args_parse() -> None:
@@ -106,7 +142,7 @@ def test_config_file_args_parse() -> None:
     config = yaml.safe_load((ROOT / "deploy/ray_serve.yaml").read_text())
     app = config["applications"][0]
     assert app["import_path"] == "runtime.serve_ray:build_app"
-    spec = spec_from_args(parse_args(args_to_argv(app["args"]), raise_errors=True))
+    spec = DeploymentSpec.from_mapping(app["args"]).validate()
     assert spec.num_gpus == 1.0 and spec.autoscaling and spec.replicas == 2
 
 
@@ -181,7 +217,7 @@ def local_images(tiny_bundle: Path, bodies: list[dict[str, Any]]) -> list[np.nda
     """What the runtime makes for each body in this process: the reference for served images."""
     from runtime.pipeline import Pipeline
 
-    pipe = Pipeline(tiny_bundle, threads=1)
+    pipe = Pipeline(tiny_bundle, BackendConfig(threads=1))
     try:
         out = []
         for b in bodies:
@@ -196,6 +232,7 @@ def local_images(tiny_bundle: Path, bodies: list[dict[str, Any]]) -> list[np.nda
         pipe.close()
 
 
+@pytest.mark.integration
 def test_two_replicas_serve_concurrent_requests(client: Any, tiny_bundle: Path) -> None:
     assert running_replicas() == 2 and len(replica_actors()) == 2
     bodies = [{"prompt": f"concurrent {i}", "seed": i, **SLOW, "steps": 10} for i in range(8)]
@@ -207,6 +244,7 @@ def test_two_replicas_serve_concurrent_requests(client: Any, tiny_bundle: Path) 
         np.testing.assert_array_equal(decode_png(base64.b64decode(r.json()["images"][0]))[0], expected)
 
 
+@pytest.mark.integration
 def test_image_equals_cli(client: Any, tiny_bundle: Path, tmp_path: Path) -> None:
     from runtime.generate import main
 
@@ -238,17 +276,17 @@ BAD: list[tuple[str, Any, dict[str, str]]] = [
 ]
 
 
+@pytest.mark.integration
 def test_errors_equal_the_http_servers(client: Any, tiny_bundle: Path) -> None:
     """Same status and body as `python -m runtime.serve` with the same limits (its app, in-process)."""
     from fastapi.testclient import TestClient
 
     from runtime.serving import Engine, EngineConfig
-    from runtime.serving.app import ServerSettings, create_app
+    from runtime.serving.app import create_app
 
-    args = parse_args(args_to_argv({"bundle": str(tiny_bundle), **LIMIT_ARGS}))
-    limits = spec_from_args(args).replica.limits
-    with Engine.open(tiny_bundle, config=EngineConfig(warmup=False), threads=1) as engine:
-        reference = TestClient(create_app(engine, ServerSettings(limits=limits, manage_engine=False)))
+    options = DeploymentSpec.from_mapping({"bundle": str(tiny_bundle), **LIMIT_ARGS}).validate().server
+    with Engine.open(tiny_bundle, BackendConfig(threads=1), EngineConfig(warmup=False)) as engine:
+        reference = TestClient(create_app(engine, options, manage_engine=False))
         for name, body, headers in BAD:
             kw: dict[str, Any] = {"content": body} if isinstance(body, bytes) else {"json": body}
             want = reference.post("/v1/generate", headers=headers, **kw)
@@ -267,6 +305,7 @@ def _wait_for(condition: Any, seconds: float, what: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.integration
 def test_killed_replica_loses_no_request_and_service_recovers(cluster: str, tiny_bundle: Path) -> None:
     """4 clients keep 2 replicas busy; one replica is killed while it has requests in flight.
 

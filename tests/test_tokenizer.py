@@ -11,6 +11,8 @@ from transformers import CLIPTokenizer
 from export.tokenizer_files import VOCAB_SIZE, write_clip_tokenizer_files
 from runtime.tokenizer import ClipTokenizer
 
+pytestmark = pytest.mark.integration  # compares with transformers' CLIPTokenizer
+
 PROMPTS = [
     "a photo of a cat",
     "",

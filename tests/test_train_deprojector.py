@@ -47,6 +47,8 @@ from export.training.run import CHECKPOINT_DIR, STAMP, initial_model
 from export.training.state import STATE_DIR, LoopState, save_state
 from export.training.teacher import teacher_forced
 
+pytestmark = pytest.mark.integration  # trains with torch
+
 CONTEXT = 77
 MAIN_STEPS = 30
 

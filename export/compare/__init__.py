@@ -6,7 +6,7 @@ Modules, split by what they import so the runtime side stays torch-free:
   metrics.py    accuracy numbers (numpy, scikit-image)
   timing.py     median / p95 timing and peak-RSS probes (stdlib, numpy)
   worker.py     the runtime side, run in a child process that never imports torch
-  reference.py  the PyTorch side (fp32 and bf16), in the parent process
+  torch_ref.py  the PyTorch side (fp32 and bf16), in the parent process
   figures.py    PNG figures (matplotlib)
   report.py     report.json and report.md
   cli.py        argument parsing and orchestration

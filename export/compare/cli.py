@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import math
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from export.compare.settings import PRESETS, Settings, UsageError
 from export.compare.thresholds import DEFAULTS, Thresholds
-from runtime.backends import PRECISIONS, bundle_files, check_precision
-from runtime.backends.trt_manifest import PRECISION as TRT_PRECISION
-from runtime.bundle import Bundle, BundleError
-from runtime.options import options_from, size_argument, validate
+from runtime.backends import PRECISIONS, BackendConfig
+from runtime.backends.config import THREADED
+from runtime.bundle import Bundle
+from runtime.cli import positive_int, size_argument
+from runtime.errors import RequestError, SetupError
+from runtime.options import options_from, validate
 
 BACKEND_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 # Ancestral samplers draw fresh noise every step from each side's own RNG: the runs could not match.
@@ -35,16 +37,6 @@ _FLAGS = {
     "seed": "--seed",
     "mode": "--mode",
 }  # first word of a runtime.options.validate error -> our flag
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
-    return value
 
 
 def _gate(low: float, high: float) -> Any:
@@ -98,8 +90,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--size", type=size_argument, help="WIDTHxHEIGHT in pixels (default: the bundle's preferred size)"
     )
-    p.add_argument("--steps", type=_positive, default=20, help="denoising steps (default 20)")
-    p.add_argument("--runs", type=_positive, default=5, help="timed runs after one warm-up (default 5)")
+    p.add_argument("--steps", type=positive_int, default=20, help="denoising steps (default 20)")
+    p.add_argument("--runs", type=positive_int, default=5, help="timed runs after one warm-up (default 5)")
     p.add_argument(
         "--out", type=Path, default=Path("out/compare"), help="report folder (default out/compare)"
     )
@@ -113,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--threads",
-        type=_positive,
+        type=positive_int,
         default=os.cpu_count() or 1,
         help="intra-op threads for PyTorch and ONNX Runtime alike (default: all cores)",
     )
@@ -146,9 +138,8 @@ def thresholds_from(args: argparse.Namespace, precision: str) -> Thresholds:
     return replace(t, max_abs=max_abs)
 
 
-def _model_source(manifest: dict[str, Any], model: str | None) -> tuple[str, int, str | None]:
+def _model_source(source: Mapping[str, Any], model: str | None) -> tuple[str, int, str | None]:
     """(model, preset seed, projection) for the PyTorch side; default: what the bundle was built from."""
-    source = manifest.get("source", {})
     projection = source.get("projection")
     if model is None:
         if source.get("kind") == "preset":
@@ -166,40 +157,30 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
     """Validate everything that can be checked before a model loads; UsageError names the flag."""
     try:
         bundle = Bundle.open(args.bundle)
-    except (BundleError, OSError, json.JSONDecodeError) as exc:
+    except (RequestError, SetupError) as exc:
         raise UsageError(f"--bundle: {exc}") from None
-    precision = args.precision or (TRT_PRECISION if args.backend == "tensorrt" else "fp32")
-    if args.backend == "tensorrt" and precision != TRT_PRECISION:
-        raise UsageError(f"--precision: TensorRT engines are built in {TRT_PRECISION} only; got {precision}")
     try:
-        check_precision(args.backend, precision)
-    except ValueError as exc:
-        raise UsageError(f"--precision: {exc}") from None
-    files = bundle_files(precision)
-    for name, entry in bundle.models.items():
-        if files not in entry.files:
-            raise UsageError(
-                f"--precision {precision}: the bundle has {name} only in {', '.join(entry.files)}"
-            )
+        threads = args.threads if args.backend in THREADED else None
+        backend = BackendConfig(args.backend, precision=args.precision, threads=threads).validate()
+        bundle.check_file_set(backend.files)
+    except RequestError as exc:
+        raise UsageError(f"--precision/--threads: {exc}") from None
+    assert backend.precision is not None
+    precision = backend.precision
     if importlib.util.find_spec(BACKEND_MODULES[args.backend]) is None:
         raise UsageError(
             f"--backend {args.backend}: the {BACKEND_MODULES[args.backend]} package is not installed"
         )
     request = options_from(vars(args), prompts=(args.prompt,), negative_prompts=(args.negative,))
     try:  # the runtime's own checks, so the tool accepts exactly what the runtime accepts
-        request = validate(request, bundle)
-    except ValueError as exc:
+        resolved = validate(request, bundle)
+    except RequestError as exc:
         flag = _FLAGS.get(str(exc).split(" ", 1)[0], "--size/--steps/--guidance/--seed/--mode")
         raise UsageError(f"{flag}: {exc}") from None
-    except KeyError as exc:  # a manifest written before the runtime learnt that key
-        raise UsageError(
-            f"--bundle: the manifest lacks {exc}: re-export it with `python -m export`"
-        ) from None
-    assert request.width is not None and request.height is not None
-    width, height = request.width, request.height
+    width, height = resolved.width, resolved.height
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out must be a directory; {str(args.out)!r} is a file")
-    model, seed_weights, projection = _model_source(bundle.manifest, args.model)
+    model, seed_weights, projection = _model_source(bundle.manifest.source, args.model)
     s = Settings(
         bundle=bundle.root.resolve(),
         model=model,

@@ -61,14 +61,14 @@ def log(message: str) -> None:
 
 def reference_outputs(s: Settings, bundle: Bundle, ref: torch_ref.TorchReference) -> Reference:
     """Inputs a real generation would see, and PyTorch fp32's outputs for them."""
-    t = bundle.manifest["tokenizer"]
-    tokenizer = ClipTokenizer(bundle.tokenizer_dir, t["bos_id"], t["eos_id"], t["pad_id"])
+    t = bundle.manifest.tokenizer
+    tokenizer = ClipTokenizer(bundle.tokenizer_dir, t.bos_id, t.eos_id, t.pad_id)
     feeds: dict[str, dict[str, np.ndarray]] = {"clip": {"input_ids": tokenizer([s.negative, s.prompt]).ids}}
     outputs = {"clip": ref.run_component("clip", feeds["clip"])}
     if ref.deprojector is not None:
         feeds["deprojector"] = {"pooled": outputs["clip"]["pooled"][1:]}  # the prompt's row
     f = bundle.vae_scale_factor
-    shape = (1, bundle.manifest["latent_channels"], s.height // f, s.width // f)
+    shape = (1, bundle.latent_channels, s.height // f, s.width // f)
     latents = np.random.default_rng(s.seed).standard_normal(shape, dtype=np.float32)
     scheduler = make_scheduler(s.scheduler, bundle.scheduler_config)
     timesteps = scheduler.set_timesteps(s.steps)
@@ -221,7 +221,7 @@ def compare(s: Settings, bundle: Bundle, thresholds: Thresholds) -> dict[str, An
         "setup": {
             "model_label": f"{s.model} (preset, seed {s.seed_weights})" if preset else s.model,
             "random_weights": preset,
-            "bundle_source": bundle.manifest.get("source", {}),
+            "bundle_source": dict(bundle.manifest.source),
             "deprojector": ref.deprojector_note,
             "cpu": cpu_name(),
             "packages": packages(),

@@ -25,9 +25,7 @@ from export.build import INIT_FROM_CLIP, deprojector_module, model_spec, torch_m
 from export.compare.settings import Settings
 from export.models import SDComponents, load_model
 from export.reference import ReferencePipeline, diffusers_scheduler
-
-# Where a bundle keeps the deprojector's PyTorch weights when the manifest entry names no "dir".
-BUNDLED_CHECKPOINT_DIRS = ("deprojector_checkpoint", "deprojector")
+from runtime.manifest import DeprojectorManifest, Manifest
 
 
 @dataclass
@@ -41,11 +39,11 @@ class TorchRun:
 class TorchReference:
     """Loaded PyTorch models plus how the deprojector was obtained (for the report)."""
 
-    def __init__(self, s: Settings, manifest: dict[str, Any]):
+    def __init__(self, s: Settings, manifest: Manifest):
         projection = Path(s.projection) if s.projection else None
         self.components: SDComponents = load_model(s.model, s.seed_weights, projection)
         self.deprojector, self.deprojector_note = _deprojector(
-            self.components, s.bundle, manifest.get("deprojector")
+            self.components, s.bundle, manifest.deprojector
         )
         self.reference = ReferencePipeline(self.components, self.deprojector)
         c = self.components
@@ -134,29 +132,27 @@ def bf16_support() -> dict[str, Any]:
 
 
 def _deprojector(
-    components: SDComponents, bundle: Path, entry: dict[str, Any] | None
+    components: SDComponents, bundle: Path, entry: DeprojectorManifest | None
 ) -> tuple[nn.Module | None, str]:
     """Rebuild the bundle's deprojector the way export/build.py built it; a note says how."""
     if entry is None:
         return None, "none (the bundle has no deprojector)"
-    names = [entry["dir"]] if entry.get("dir") else list(BUNDLED_CHECKPOINT_DIRS)
-    for name in names:  # the exact weights deprojector.onnx was traced from, when shipped
-        folder = bundle / name
-        if (folder / "config.json").is_file():
-            built = deprojector_module(components, str(folder))
-            assert built is not None
-            origin = f"{entry.get('checkpoint')} variant {entry.get('variant')}"  # the manifest's words
-            return built[0], f"{origin}, loaded from the weights shipped in the bundle ({name}/)"
-    if entry.get("checkpoint") == INIT_FROM_CLIP:
+    folder = bundle / entry.dir
+    if (folder / "config.json").is_file():  # the exact weights deprojector.onnx was traced from
+        built = deprojector_module(components, str(folder))
+        assert built is not None
+        origin = f"{entry.checkpoint} variant {entry.variant}"  # the manifest's words
+        return built[0], f"{origin}, loaded from the weights shipped in the bundle ({entry.dir}/)"
+    if entry.checkpoint == INIT_FROM_CLIP:
         built = deprojector_module(components, None)
         assert built is not None
-        if built[1]["variant"] != entry.get("variant"):
+        if built[1]["variant"] != entry.variant:
             raise ValueError(
-                f"the bundle's deprojector is {INIT_FROM_CLIP} variant {entry.get('variant')!r}, but this "
+                f"the bundle's deprojector is {INIT_FROM_CLIP} variant {entry.variant!r}, but this "
                 f"exporter builds variant {built[1]['variant']!r}: re-export the bundle"
             )
-        return built[0], f"{INIT_FROM_CLIP} variant {entry['variant']}, rebuilt from the PyTorch CLIP"
-    checkpoint = Path(entry["checkpoint"])
+        return built[0], f"{INIT_FROM_CLIP} variant {entry.variant}, rebuilt from the PyTorch CLIP"
+    checkpoint = Path(entry.checkpoint)
     if not (checkpoint / "config.json").is_file():
         raise ValueError(f"the bundle's deprojector checkpoint {checkpoint} is not there any more")
     built = deprojector_module(components, str(checkpoint))

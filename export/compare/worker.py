@@ -20,7 +20,8 @@ import numpy as np
 
 from export.compare.settings import COMPONENTS, STAGES, Settings
 from export.compare.timing import Stats, peak_rss_bytes, reset_peak_rss, rss_bytes, time_runs
-from runtime.backends import open_backend
+from runtime.backends import BackendConfig, open_backend
+from runtime.backends.config import THREADED
 from runtime.bundle import Bundle
 from runtime.options import GenerateOptions
 from runtime.pipeline import Pipeline
@@ -46,7 +47,8 @@ def run(job: Path) -> dict[str, Any]:
     s = Settings.read(job / "settings.json")
     inputs = dict(np.load(job / "inputs.npz"))
     bundle = Bundle.open(s.bundle)
-    backend = open_backend(s.backend, bundle, precision=s.precision, threads=s.threads)
+    threads = s.threads if s.backend in THREADED else None  # TensorRT refuses a thread count
+    backend = open_backend(bundle, BackendConfig(s.backend, precision=s.precision, threads=threads))
     baseline = rss_bytes()  # interpreter, numpy, engine library; no model loaded yet
     peak_tracked = reset_peak_rss()
     outputs: dict[str, np.ndarray] = {}

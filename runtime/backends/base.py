@@ -7,10 +7,11 @@ from typing import Protocol
 
 import numpy as np
 
+from runtime.errors import SetupError
 from runtime.specs import ModelSpec
 
 
-class BackendError(RuntimeError):
+class BackendError(SetupError):
     """A model could not be loaded or run; the message names the model and the cause."""
 
 

@@ -4,6 +4,8 @@ cache they keep beside the bundle (ONNX Runtime's optimised graphs, OpenVINO's I
 from __future__ import annotations
 
 import ctypes
+import json
+import logging
 import mmap
 import os
 import sys
@@ -16,7 +18,12 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from runtime.backends.base import BackendError, check_feeds
-from runtime.bundle import Bundle, ModelEntry
+from runtime.backends.config import BackendConfig
+from runtime.bundle import Bundle
+from runtime.files import sha256_file, write_atomic
+from runtime.manifest import ModelManifest
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -68,13 +75,56 @@ def derived_path(bundle: Bundle, folder: str, key: list[str], source_sha256: str
     return bundle.root / folder / f"{'.'.join([*key, source_sha256[:16]])}{suffix}"
 
 
-def checked_entry(bundle: Bundle, model: str, feeds: dict[str, np.ndarray]) -> ModelEntry:
+def _seal_path(cached: Path) -> Path:
+    return cached.with_name(cached.name + ".sha256")
+
+
+def _cache_files(cached: Path) -> list[Path]:
+    """A derived graph and its weights file, if any (ORT: `<name>.data`, OpenVINO IR: `.bin`)."""
+    weights = (cached.with_name(cached.name + ".data"), cached.with_suffix(".bin"))
+    return [cached, *(w for w in weights if w.is_file())]
+
+
+def seal_cache(cached: Path) -> None:
+    """Record the hashes of a derived graph just written, so a later load can tell it is intact."""
+    digests = {f.name: sha256_file(f) for f in _cache_files(cached)}
+    write_atomic(_seal_path(cached), json.dumps(digests))
+
+
+def cache_intact(bundle: Bundle, cached: Path) -> bool:
+    """Whether a derived graph exists and matches its seal; a damaged or unsealed one is deleted
+    (the caller rebuilds it from the verified bundle file instead of trusting it)."""
+    if not cached.is_file():
+        return False
+    try:
+        digests = json.loads(_seal_path(cached).read_text())
+        intact = isinstance(digests, dict) and set(digests) == {f.name for f in _cache_files(cached)} and all(
+            bundle.verifier.matches(cached.with_name(name), str(digest)) for name, digest in digests.items()
+        )
+    except (OSError, ValueError):
+        intact = False
+    if not intact:
+        log.warning("derived graph %s is damaged or unsealed: rebuilding it from the bundle", cached)
+        for file in [*_cache_files(cached), _seal_path(cached)]:
+            file.unlink(missing_ok=True)
+    return intact
+
+
+def checked_entry(bundle: Bundle, model: str, feeds: dict[str, np.ndarray]) -> ModelManifest:
     """The bundle's entry for `model`, once `feeds` match its spec (before an engine sees them)."""
     entry = bundle.models.get(model)
     if entry is None:
         raise BackendError(f"bundle {bundle.root} has no {model} model")
     check_feeds(entry.spec, feeds)
     return entry
+
+
+def own_config(backend: str, config: BackendConfig | None) -> BackendConfig:
+    """`config` validated, defaulting to this backend's own; refuses one meant for another backend."""
+    config = (config or BackendConfig(backend=backend)).validate()
+    if config.backend != backend:
+        raise BackendError(f"a {config.backend} config cannot open the {backend} backend")
+    return config
 
 
 def writable(directory: Path) -> bool:

@@ -5,10 +5,14 @@ or ahead of it in background threads when the pipeline calls `prepare` (the UNet
 CLIP runs, the VAE during the denoising loop). The optimised graph is cached beside the bundle,
 keyed by source hash, provider and ORT version, so the second start skips ORT's graph
 optimisation (10-20 s for the SD 1.5 UNet).
+
+On CUDA, ORT runs fp32 MatMul/Conv in TF32 by default (Ampere and newer): faster, but ~1e-3 off
+fp32. `OrtBackend(..., tf32=False)` sets the CUDA provider's `use_tf32=0` for parity runs.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -19,8 +23,18 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.backends.base import BackendError
-from runtime.backends.loading import BackgroundLoads, checked_entry, derived_path, writable
+from runtime.backends.config import BackendConfig
+from runtime.backends.loading import (
+    BackgroundLoads,
+    cache_intact,
+    checked_entry,
+    derived_path,
+    own_config,
+    seal_cache,
+    writable,
+)
 from runtime.bundle import Bundle
+from runtime.manifest import FileEntry
 
 log = logging.getLogger(__name__)
 
@@ -29,32 +43,58 @@ _PROVIDERS = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-DEVICES = tuple(_PROVIDERS)
 _EXTERNAL_DATA_THRESHOLD = 1024  # bytes; keeps > 2 GB optimised graphs saveable
 
 
+_GPU_ADVICE = (
+    "install onnxruntime-gpu with the CUDA libraries for the driver's CUDA major "
+    "(onnxruntime-gpu[cuda,cudnn]: >=1.27 for CUDA 13, <1.27 for CUDA 12; see scripts/gpu_check.sh)"
+)
+
+
+@functools.cache
+def preload_cuda_libraries() -> None:
+    """Load the CUDA and cuDNN libraries of the nvidia-* wheels (onnxruntime-gpu's [cuda,cudnn]
+    extras) before the first CUDA session, once per process: ORT itself looks only on the system
+    library path. A no-op on ORT's CPU build; ORT < 1.21 lacks it (then the system path it is)."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # the provider check after session creation reports what is missing
+        log.warning("onnxruntime.preload_dlls failed: %s", exc)
+
+
+def check_provider(session: ort.InferenceSession, wanted: str, model: str) -> None:
+    """Refuse a session that silently fell back: `get_available_providers()` lists what ORT was
+    compiled with, not what could load, so without this a missing CUDA library means CPU compute
+    and then a confusing failure on the first device-bound input."""
+    active = session.get_providers()
+    if not active or active[0] != wanted:
+        raise BackendError(
+            f"{model}: ONNX Runtime could not start {wanted} (the session would run on "
+            f"{', '.join(active) or 'nothing'}): its libraries are missing or do not match the driver; "
+            f"{_GPU_ADVICE}"
+        )
+
+
 class OrtBackend:
-    def __init__(
-        self,
-        bundle: Bundle,
-        precision: str = "fp32",
-        device: str = "cpu",
-        threads: int | None = None,
-        cache_optimized: bool = True,
-    ):
-        if device not in _PROVIDERS:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {device!r}")
+    def __init__(self, bundle: Bundle, config: BackendConfig | None = None, *, tf32: bool = True):
+        config = own_config("onnxruntime", config)
+        assert config.device is not None and config.precision is not None
         available = ort.get_available_providers()
-        if _PROVIDERS[device][0] not in available:
+        if _PROVIDERS[config.device][0] not in available:
             raise BackendError(
-                f"device {device!r} needs {_PROVIDERS[device][0]}, which this onnxruntime lacks "
-                f"(available: {', '.join(available)}); install onnxruntime-gpu or use device 'cpu'"
+                f"device {config.device!r} needs {_PROVIDERS[config.device][0]}, which this onnxruntime "
+                f"lacks (available: {', '.join(available)}); {_GPU_ADVICE}, or use device 'cpu'"
             )
-        for entry in bundle.models.values():
-            entry.path(precision)  # fail now, not mid-generation, if a precision is missing
-        self.bundle, self.precision, self.device = bundle, precision, device
-        self.threads = threads
-        self.cache_optimized = cache_optimized
+        bundle.check_file_set(config.precision)  # fail now, not mid-generation
+        if config.device != "cpu":
+            preload_cuda_libraries()
+        self.bundle, self.config, self.tf32 = bundle, config, tf32
+        self.precision, self.device = config.precision, config.device
+        self.threads, self.cache_optimized = config.threads, config.cache_graphs
         self._sessions = BackgroundLoads(bundle, self._create, self._load_path)
         self._resident = threading.local()  # per thread: (model, input) -> (array, device copy)
 
@@ -71,23 +111,21 @@ class OrtBackend:
                 "trt_timing_cache_enable": "True",
                 "trt_timing_cache_path": cache,
             },
+            "CUDAExecutionProvider": {"use_tf32": "1" if self.tf32 else "0"},
         }
         return [(p, options.get(p, {})) for p in _PROVIDERS[self.device]]
 
-    def _source(self, model: str) -> tuple[Path, str]:
-        """The graph to load and its sha256: the ORT-fused variant unless TensorRT runs it (its
-        parser lacks ORT's contrib ops, which would push those nodes back to CUDA)."""
-        entry = self.bundle.manifest["models"][model]
-        fused = entry.get("ort_files", {}) if self.device != "tensorrt" else {}
-        file = (fused if self.precision in fused else entry["files"])[self.precision]
-        return self.bundle.root / file["file"], str(file["sha256"])
+    def _source(self, model: str) -> FileEntry:
+        """The graph to load: the ORT-fused variant unless TensorRT runs it (its parser lacks ORT's
+        contrib ops, which would push those nodes back to CUDA)."""
+        return self.bundle.graph(model, self.precision, fused=self.device != "tensorrt")
 
     def _cache_path(self, model: str) -> Path:
         key = [model, self.precision, self.device, f"ort{ort.__version__}"]
-        return derived_path(self.bundle, ".ort_cache", key, self._source(model)[1], ".onnx")
+        return derived_path(self.bundle, ".ort_cache", key, self._source(model).sha256, ".onnx")
 
-    def _uses_cache(self, cached: Path) -> bool:
-        return self.cache_optimized and self.device == "cpu" and cached.is_file()
+    def _caches(self) -> bool:
+        return self.cache_optimized and self.device == "cpu"
 
     def _create(self, model: str) -> ort.InferenceSession:
         opts = ort.SessionOptions()
@@ -99,15 +137,15 @@ class OrtBackend:
         # The CPU arena keeps each session's peak activations reserved between calls; without it
         # the SD 1.5 UNet's resident memory drops ~0.2 GiB at no measurable cost per step.
         opts.enable_cpu_mem_arena = self.device != "cpu"
-        source = self._source(model)[0]
+        source = self.bundle.verified_path(self._source(model))  # even when the cache is used
         cached = self._cache_path(model)
-        if self._uses_cache(cached):
+        if self._caches() and cache_intact(self.bundle, cached):
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             path = cached
         else:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             path = source
-            if self.cache_optimized and self.device == "cpu" and writable(cached.parent):
+            if self._caches() and writable(cached.parent):
                 # ORT writes the optimised graph while creating the session: give it a temp name
                 # and rename afterwards, so a crash never leaves a half-written cache entry.
                 opts.optimized_model_filepath = str(cached.with_suffix(".tmp"))
@@ -122,14 +160,16 @@ class OrtBackend:
             session = ort.InferenceSession(str(path), opts, providers=self._provider_options())
         except Exception as exc:  # ORT raises its own untyped errors
             raise BackendError(f"could not load {model} ({self.precision}) from {path}: {exc}") from exc
+        check_provider(session, _PROVIDERS[self.device][0], model)
         if opts.optimized_model_filepath and Path(opts.optimized_model_filepath).is_file():
             os.replace(opts.optimized_model_filepath, cached)
+            seal_cache(cached)
         log.debug("loaded %s from %s", model, path)
         return session
 
     def _load_path(self, model: str) -> Path:
         cached = self._cache_path(model)
-        return cached if self._uses_cache(cached) else self._source(model)[0]
+        return cached if self._caches() and cached.is_file() else self.bundle.root / self._source(model).file
 
     def prepare(self, models: Iterable[str]) -> None:
         """Start loading these models in background threads; `run` waits for a model only if its

@@ -23,14 +23,23 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends import bundle_files
 from runtime.backends.base import BackendError
-from runtime.backends.loading import BackgroundLoads, checked_entry, derived_path, drop_mapped_pages, writable
+from runtime.backends.config import BackendConfig, bundle_files
+from runtime.backends.loading import (
+    BackgroundLoads,
+    cache_intact,
+    checked_entry,
+    derived_path,
+    drop_mapped_pages,
+    own_config,
+    seal_cache,
+    writable,
+)
 from runtime.bundle import Bundle
+from runtime.manifest import FileEntry
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16")
 BF16_MODELS = frozenset({"unet", "vae_decoder"})  # where the time goes; the rest stays fp32
 _HINT = {"fp32": "f32", "bf16": "bf16"}
 # One conversion at a time: each holds a whole fp32 graph in memory (3.4 GB for the SD 1.5 UNet),
@@ -55,21 +64,19 @@ def cpu_has_bf16() -> bool:
 class OvBackend:
     device = "cpu"
 
-    def __init__(
-        self, bundle: Bundle, precision: str = "fp32", threads: int | None = None, cache_ir: bool = True
-    ):
-        if precision not in PRECISIONS:
-            choices = ", ".join(PRECISIONS)
-            raise ValueError(f"precision must be one of {choices} for openvino; got {precision!r}")
+    def __init__(self, bundle: Bundle, config: BackendConfig | None = None):
+        config = own_config("openvino", config)
+        assert config.precision is not None
+        precision = config.precision
         ov = _openvino()
         if precision == "bf16" and not cpu_has_bf16():
             raise BackendError(
                 "precision bf16 needs a CPU with bf16 instructions (AVX512_BF16 or AMX), which this one "
                 "lacks; use precision fp32"
             )
-        for entry in bundle.models.values():
-            entry.path(bundle_files(precision))  # fail now, not mid-generation
-        self.bundle, self.precision, self.threads, self.cache_ir = bundle, precision, threads, cache_ir
+        bundle.check_file_set(bundle_files(precision))  # fail now, not mid-generation
+        self.bundle, self.config, self.precision = bundle, config, precision
+        self.threads, self.cache_ir = config.threads, config.cache_graphs
         self._core = ov.Core()
         self._version = ov.get_version().split("-")[0]
         self._compiled = BackgroundLoads(bundle, self._compile, self._load_path)
@@ -80,19 +87,18 @@ class OvBackend:
     def _model_precision(self, model: str) -> str:
         return self.precision if model in BF16_MODELS else "fp32"
 
-    def _source(self, model: str) -> tuple[Path, str]:
-        """The standard fp32 graph (OpenVINO fuses attention itself) and its sha256."""
-        file = self.bundle.manifest["models"][model]["files"]["fp32"]
-        return self.bundle.root / file["file"], str(file["sha256"])
+    def _source(self, model: str) -> FileEntry:
+        """The standard fp32 graph (OpenVINO fuses attention itself)."""
+        return self.bundle.graph(model, "fp32")
 
     def _ir_path(self, model: str) -> Path:
         key = [model, self._model_precision(model), f"ov{self._version}"]
-        return derived_path(self.bundle, ".ov_cache", key, self._source(model)[1], ".xml")
+        return derived_path(self.bundle, ".ov_cache", key, self._source(model).sha256, ".xml")
 
     def _load_path(self, model: str) -> Path:
         """What a compile reads: the cached IR when there is one, else the ONNX graph."""
         ir = self._ir_path(model)
-        return ir if self.cache_ir and ir.is_file() else self._source(model)[0]
+        return ir if self.cache_ir and ir.is_file() else self.bundle.root / self._source(model).file
 
     def _write_ir(self, model: str, ir: Path) -> None:
         """ONNX -> IR under temp names, renamed into place (.bin first: an .xml means complete)."""
@@ -100,7 +106,7 @@ class OvBackend:
         tmp = ir.with_name(ir.stem + ".tmp.xml")
         try:
             with _CONVERT_LOCK:
-                graph = ov.convert_model(str(self._source(model)[0]))
+                graph = ov.convert_model(str(self.bundle.root / self._source(model).file))
                 ov.save_model(graph, str(tmp), compress_to_fp16=self._model_precision(model) == "bf16")
                 del graph  # free its weights before the compile maps the IR's
             os.replace(tmp.with_suffix(".bin"), ir.with_suffix(".bin"))
@@ -110,12 +116,14 @@ class OvBackend:
                 leftover.unlink(missing_ok=True)
 
     def _compile(self, model: str) -> Any:
+        self.bundle.verified_path(self._source(model))  # even when the IR cache is used
         ir = self._ir_path(model)
-        if self.cache_ir and not ir.is_file() and writable(ir.parent):
+        if self.cache_ir and not cache_intact(self.bundle, ir) and writable(ir.parent):
             try:
                 self._write_ir(model, ir)
             except Exception as exc:  # OpenVINO raises its own untyped errors
                 raise BackendError(f"could not convert {model} to OpenVINO IR: {exc}") from exc
+            seal_cache(ir)
         path = self._load_path(model)
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": _HINT[self._model_precision(model)],

@@ -2,12 +2,19 @@
 
 TensorRT demo/Diffusion's Engine lifecycle, kept inside the backend: the engine manifest is checked
 when the backend opens (a stale or foreign engine is refused with the command that rebuilds it);
-on first use a plan is verified (sha256) and deserialized; its device and pinned host buffers are
-allocated once, at the largest shape its profiles allow, so tensor addresses never change; a call
-picks the engine and profile for its shape, sets the input shapes, copies in, runs
-`execute_async_v3` (or replays the CUDA graph captured for that shape) and copies out, all on the
-backend's one stream. `tensorrt` and `cuda` are imported inside functions: importing this module
-needs neither.
+on first use a plan is verified (sha256) and deserialized (`_TrtPlan`: one deserialized plan, its
+execution context and buffers); its device and pinned host buffers are allocated once, at the
+largest shape its profiles allow, so tensor addresses never change; a call picks the plan and
+profile for its shape, sets the input shapes, copies in, runs `execute_async_v3` (or replays the
+CUDA graph captured for that profile and those shapes) and copies out, all on the backend's one
+stream. `tensorrt` and `cuda` are imported inside functions: importing this module needs neither.
+
+CUDA graphs: each plan keeps a small LRU cache of graphs keyed by (profile, input shapes), so
+alternating shapes (a 4+2 batch split, compose mode, CLIP batches) replay rather than recapture.
+A graph is captured after a plain run of its shapes (which applies TensorRT's deferred shape
+updates), in `cudaStreamCaptureModeThreadLocal`, so another thread's CUDA calls (a threaded server)
+neither break the capture nor are broken by it. A failed capture is retried after a growing number
+of plain runs of that shape instead of turning graphs off for good.
 """
 
 from __future__ import annotations
@@ -15,15 +22,20 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import re
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from runtime.backends.base import BackendError, check_feeds
+from runtime.backends.config import BackendConfig
+from runtime.backends.loading import own_config
 from runtime.backends.trt_manifest import (
     DEFAULT_DIR,
     PRECISION,
@@ -42,6 +54,7 @@ from runtime.backends.trt_shapes import (
     max_input_shapes,
     nbytes,
     plan_calls,
+    profile_arguments,
 )
 from runtime.bundle import Bundle
 from runtime.specs import ModelSpec
@@ -51,9 +64,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+GRAPH_CACHE_SIZE = 8  # CUDA graphs kept per plan: (profile, shapes) keys, least recently used dropped
+CAPTURE_RETRY_AFTER = 4  # plain runs of a shape before its failed capture is tried again ...
+CAPTURE_RETRY_MAX = 256  # ... doubling after each failure, up to this many
+
 
 class TensorRTUnavailable(BackendError):
     """TensorRT, cuda-python or a CUDA device is missing: the TensorRT path cannot run here."""
+
+
+class StalePlan(BackendError):
+    """A plan that a rebuild repairs: corrupt, undeserializable, or not what the bundle expects."""
 
 
 def require_tensorrt() -> str:
@@ -91,13 +112,96 @@ def cuda_call(result: Any, what: str) -> Any:
     return values[0] if len(values) == 1 else None
 
 
+def native_handle(obj: Any) -> int:
+    """The address behind a cuda-python handle (stream, graph): `int(obj)` is deprecated in favour
+    of `cuda.bindings.utils.get_cuda_native_handle` (cuda-bindings >= 12.8); older bindings lack it."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(obj)
+    return int(get_cuda_native_handle(obj))
+
+
+def _is_null(handle: Any) -> bool:
+    return handle is None or native_handle(handle) == 0
+
+
 def cuda_version(value: int) -> str:
     """CUDA's integer versions (12080) as '12.8'."""
     return f"{value // 1000}.{value % 1000 // 10}"
 
 
+_TENSORRT_WHEEL = re.compile(r"tensorrt[-_.]cu(\d+)(?:[-_.](?:libs|bindings))?")
+
+
+def cuda_variant(distributions: Iterable[str]) -> str | None:
+    """'cu13' from the names of the wheels that installed TensorRT (`tensorrt_cu13_libs`,
+    `tensorrt-cu13-bindings`...); None if none carries a CUDA suffix. Wheels for two CUDA majors
+    install the same files over each other: refused."""
+    majors = sorted({m.group(1) for d in distributions if (m := _TENSORRT_WHEEL.fullmatch(d.lower()))})
+    if len(majors) > 1:
+        raise TensorRTUnavailable(
+            f"TensorRT wheels for CUDA {' and '.join(majors)} are installed together and overwrite each "
+            "other's files: uninstall all but the one matching the driver (see scripts/gpu_check.sh)"
+        )
+    return f"cu{majors[0]}" if majors else None
+
+
+def cudart_paths(maps: str) -> list[str]:
+    """Paths of the libcudart mapped into a process, from its /proc/<pid>/maps text."""
+    found = re.findall(r"\s(/\S*/libcudart\.so[.\d]*)$", maps, flags=re.MULTILINE)
+    return list(dict.fromkeys(found))
+
+
+def _read_maps() -> str:
+    try:
+        return Path("/proc/self/maps").read_text()
+    except OSError:
+        return ""
+
+
+def _cudart_version(path: str) -> str | None:
+    """cudaRuntimeGetVersion of an already loaded libcudart (dlopen returns the same handle)."""
+    try:
+        lib = ctypes.CDLL(path)
+        value = ctypes.c_int()
+        if lib.cudaRuntimeGetVersion(ctypes.byref(value)) != 0:
+            return None
+    except (OSError, AttributeError):
+        return None
+    return cuda_version(value.value)
+
+
+def tensorrt_cuda() -> tuple[str, str]:
+    """(CUDA variant TensorRT was built for, CUDA runtime it uses), for the imported TensorRT.
+
+    The variant comes from the wheels that provide `tensorrt_libs` / `tensorrt_bindings` (cu12 and
+    cu13 builds share a version string); the runtime is the libcudart TensorRT loaded into this
+    process (cuda-python links its own runtime statically, so its `cudaRuntimeGetVersion` says
+    nothing about TensorRT's), else the version of the CUDA runtime wheel TensorRT's libs load.
+    A TensorRT installed outside pip (a container's system package) gets the libcudart's major."""
+    owners = metadata.packages_distributions()
+    packages = ("tensorrt_libs", "tensorrt_bindings", "tensorrt")
+    dists = [d for package in packages for d in owners.get(package, [])]
+    variant = cuda_variant(dists)
+    runtime = next(filter(None, map(_cudart_version, cudart_paths(_read_maps()))), None)
+    if runtime is None and variant is not None:
+        for wheel in (f"nvidia-cuda-runtime-{variant}", "nvidia-cuda-runtime"):
+            try:
+                version = metadata.version(wheel)
+            except metadata.PackageNotFoundError:
+                continue
+            if version.split(".")[0] == variant[2:]:
+                runtime = ".".join(version.split(".")[:2])
+                break
+    if variant is None and runtime is not None:
+        variant = f"cu{runtime.split('.')[0]}"
+    return variant or "unknown", runtime or "unknown"
+
+
 def probe_environment(device: int = 0) -> GpuEnvironment:
-    """What a plan's validity depends on (TensorRT, GPU architecture) plus what helps diagnose it."""
+    """What a plan's validity depends on (TensorRT and its CUDA variant, GPU architecture) plus
+    what helps diagnose it (TensorRT's CUDA runtime, the driver's CUDA version, the GPU's name)."""
     version = require_tensorrt()
     rt = cudart()
     err, count = rt.cudaGetDeviceCount()
@@ -110,9 +214,11 @@ def probe_environment(device: int = 0) -> GpuEnvironment:
         raise TensorRTUnavailable(f"no CUDA device {device} ({reason})")
     prop = cuda_call(rt.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)
+    variant, runtime = tensorrt_cuda()
     return GpuEnvironment(
         tensorrt=version,
-        cuda_runtime=cuda_version(int(cuda_call(rt.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))),
+        tensorrt_cuda=variant,
+        cuda_runtime=runtime,
         cuda_driver=cuda_version(int(cuda_call(rt.cudaDriverGetVersion(), "cudaDriverGetVersion"))),
         gpu=name.rstrip("\x00").strip(),
         compute_capability=f"{prop.major}.{prop.minor}",
@@ -149,6 +255,15 @@ def _shape(dims: trt.Dims) -> Shape:
     return tuple(int(dims[i]) for i in range(len(dims)))
 
 
+def _attempt(call: Any, what: str, *args: Any) -> list[str]:
+    """Run one cleanup CUDA call; its failure as a message (cleanup goes on past it)."""
+    try:
+        cuda_call(call(*args), what)
+    except BackendError as exc:
+        return [str(exc)]
+    return []
+
+
 class _Buffer:
     """One I/O tensor's device memory and its pinned host staging area, allocated once."""
 
@@ -156,17 +271,39 @@ class _Buffer:
         rt = cudart()
         self.size = size
         self.device = int(cuda_call(rt.cudaMalloc(size), "cudaMalloc"))
-        self.host_ptr = int(cuda_call(rt.cudaMallocHost(size), "cudaMallocHost"))
+        try:
+            self.host_ptr = int(cuda_call(rt.cudaMallocHost(size), "cudaMallocHost"))
+        except BackendError:
+            _attempt(rt.cudaFree, "cudaFree", self.device)  # the cudaMallocHost failure is the one to report
+            raise
         self.host = np.ctypeslib.as_array((ctypes.c_ubyte * size).from_address(self.host_ptr))
 
-    def free(self) -> None:
+    def free(self) -> list[str]:
+        """Free both allocations, even if the first fails; returns what failed."""
         rt = cudart()
-        cuda_call(rt.cudaFree(self.device), "cudaFree")
-        cuda_call(rt.cudaFreeHost(self.host_ptr), "cudaFreeHost")
+        return _attempt(rt.cudaFree, "cudaFree", self.device) + _attempt(
+            rt.cudaFreeHost, "cudaFreeHost", self.host_ptr
+        )
 
 
-class _Engine:
-    """One deserialized plan: its execution context, buffers and CUDA graph for the current shape."""
+GraphKey = tuple[int, tuple[tuple[str, Shape], ...]]  # (profile, sorted input shapes)
+
+
+@dataclass
+class _Graph:
+    graph: Any
+    exec: Any
+
+    def destroy(self) -> list[str]:
+        rt = cudart()
+        return _attempt(rt.cudaGraphExecDestroy, "cudaGraphExecDestroy", self.exec) + _attempt(
+            rt.cudaGraphDestroy, "cudaGraphDestroy", self.graph
+        )
+
+
+class _TrtPlan:
+    """One deserialized TensorRT plan (ICudaEngine): its execution context, I/O buffers and the
+    CUDA graphs captured for the (profile, shapes) it has run."""
 
     def __init__(
         self,
@@ -179,26 +316,29 @@ class _Engine:
     ) -> None:
         import tensorrt as trt
 
+        self.spec, self.entry, self.stream = spec, entry, stream
+        self.handle, self.cuda_graphs = native_handle(stream), cuda_graphs
+        self.engine: Any = None
+        self.context: Any = None
+        self.profile = -1
+        self.shapes: dict[str, Shape] = {}
+        self.graphs: OrderedDict[GraphKey, _Graph] = OrderedDict()
+        self.capture_waits: dict[GraphKey, tuple[int, int]] = {}  # key -> (failures, plain runs to wait)
+        self.buffers: dict[str, _Buffer] = {}  # none yet while _buffer_sizes switches profiles
+
         data = plan.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry.plan_sha256:
-            raise BackendError(f"plan {plan} is corrupt: its sha256 differs from the manifest's")
-        engine = runtime.deserialize_cuda_engine(data)
-        if engine is None:
-            raise BackendError(
-                f"TensorRT could not deserialize plan {plan} (corrupt or built by another version)"
+            raise StalePlan(f"plan {plan} is corrupt: its sha256 differs from the manifest's")
+        self.engine = runtime.deserialize_cuda_engine(data)
+        if self.engine is None:
+            raise StalePlan(
+                f"TensorRT could not deserialize plan {plan} (corrupt, or built by another TensorRT build)"
             )
-        context = engine.create_execution_context()
-        if context is None:
-            raise BackendError(
-                f"TensorRT could not create an execution context for {plan} (out of GPU memory?)"
-            )
-        self.engine, self.context, self.spec, self.entry = engine, context, spec, entry
-        self.stream, self.handle = stream, int(stream)
-        self.cuda_graphs = cuda_graphs
+        engine = self.engine
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         expected = {t.name: t.dtype for t in (*spec.inputs, *spec.outputs)}
         if names != set(expected) or engine.num_optimization_profiles != len(entry.profiles):
-            raise BackendError(
+            raise StalePlan(
                 f"plan {plan} has I/O {sorted(names)} and {engine.num_optimization_profiles} profiles; "
                 f"the manifest and bundle expect {sorted(expected)} and {len(entry.profiles)}"
             )
@@ -209,28 +349,34 @@ class _Engine:
         }
         for name, dtype in expected.items():
             if engine.get_tensor_dtype(name) != trt_dtypes.get(dtype):
-                raise BackendError(
+                raise StalePlan(
                     f"plan {plan}: tensor {name} is {engine.get_tensor_dtype(name)}, expected {dtype}"
                 )
-        self.profile = -1
-        self.shapes: dict[str, Shape] = {}
-        self.graph: Any = None
-        self.graph_exec: Any = None
-        self.buffers: dict[str, _Buffer] = {}  # none yet while _buffer_sizes switches profiles
-        self.buffers = {name: _Buffer(size) for name, size in self._buffer_sizes().items()}
-        self._bind()
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise BackendError(
+                f"TensorRT could not create an execution context for {plan} (out of GPU memory?)"
+            )
+        try:
+            for name, size in self._buffer_sizes().items():
+                self.buffers[name] = _Buffer(size)
+            self._bind()
+        except BaseException:
+            self.close()  # frees the buffers allocated so far
+            raise
 
     def _bind(self) -> None:
         for name, buffer in self.buffers.items():
-            self.context.set_tensor_address(name, buffer.device)
+            if not self.context.set_tensor_address(name, buffer.device):
+                raise BackendError(f"{self.entry.name}: TensorRT refused the address of tensor {name}")
 
     def _select(self, profile: int) -> None:
-        """Switch the context to `profile`; tensor shapes and addresses are set again after it."""
+        """Switch the context to `profile`; tensor shapes and addresses are set again after it.
+        Captured graphs stay: each is keyed by its profile and shapes."""
         if not self.context.set_optimization_profile_async(profile, self.handle):
             raise BackendError(f"{self.entry.name}: TensorRT refused optimisation profile {profile}")
         cuda_call(cudart().cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
         self.profile, self.shapes = profile, {}
-        self._drop_graph()
         self._bind()
 
     def _set_shapes(self, shapes: dict[str, Shape]) -> None:
@@ -240,7 +386,6 @@ class _Engine:
                     f"{self.entry.name}: shape {shape} of {name} is outside profile {self.profile}"
                 )
         self.shapes = shapes
-        self._drop_graph()
 
     def _buffer_sizes(self) -> dict[str, int]:
         """Bytes per tensor at the largest shape any profile allows (outputs as TensorRT infers them)."""
@@ -280,7 +425,7 @@ class _Engine:
                 ),
                 "cudaMemcpyAsync",
             )
-        self._execute()
+        self._execute((profile, tuple(sorted(shapes.items()))))
         out_shapes = {name: _shape(self.context.get_tensor_shape(name)) for name in self.spec.output_names}
         dtypes = {t.name: np.dtype(t.dtype) for t in self.spec.outputs}
         for name, shape in out_shapes.items():
@@ -309,70 +454,108 @@ class _Engine:
         if not self.context.execute_async_v3(self.handle):
             raise BackendError(f"{self.entry.name}: TensorRT execution failed for shapes {self.shapes}")
 
-    def _execute(self) -> None:
-        """Run once; with CUDA graphs, replay the graph captured for the current shapes (capture it
-        after a plain run, which also applies TensorRT's deferred shape updates capture can't record)."""
-        if self.graph_exec is not None:
-            cuda_call(cudart().cudaGraphLaunch(self.graph_exec, self.stream), "cudaGraphLaunch")
-            return
+    def _execute(self, key: GraphKey) -> None:
+        """Run once: replay the graph captured for `key`, else run plainly and (with CUDA graphs,
+        when no failed capture of `key` is waiting out its back-off) capture one for next time.
+        The context's profile and input shapes are `key`'s before this is called, as at capture."""
+        graph = self.graphs.get(key)
+        if graph is not None:
+            err = cudart().cudaGraphLaunch(graph.exec, self.stream)[0]
+            if err == cudart().cudaError_t.cudaSuccess:
+                self.graphs.move_to_end(key)
+                return
+            name = self.entry.name
+            log.warning("%s: replaying the CUDA graph for %s failed (%r); running plainly", name, key, err)
+            self._forget(key, failed=True)
         self._enqueue()
-        if self.cuda_graphs:
-            try:
-                self._capture()
-            except BackendError as exc:
-                log.warning("%s: CUDA graph capture failed, running without graphs: %s", self.entry.name, exc)
-                self._drop_graph()
-                self.cuda_graphs = False
+        if not self.cuda_graphs:
+            return
+        failures, wait = self.capture_waits.get(key, (0, 0))
+        if wait > 0:
+            self.capture_waits[key] = (failures, wait - 1)
+            return
+        try:
+            graph = self._capture()
+        except BackendError as exc:
+            wait = min(CAPTURE_RETRY_AFTER << failures, CAPTURE_RETRY_MAX)
+            self.capture_waits[key] = (failures + 1, wait)
+            log.warning(
+                "%s: CUDA graph capture for %s failed, running without a graph (retried after %d runs): %s",
+                self.entry.name,
+                self.shapes,
+                wait,
+                exc,
+            )
+            return
+        self.capture_waits.pop(key, None)
+        self.graphs[key] = graph
+        if len(self.graphs) > GRAPH_CACHE_SIZE:
+            self._forget(next(iter(self.graphs)))
+        log.debug("%s: captured a CUDA graph for profile %d, %s", self.entry.name, key[0], self.shapes)
 
-    def _capture(self) -> None:
+    def _forget(self, key: GraphKey, failed: bool = False) -> None:
+        """Destroy the graph cached for `key`; one whose replay failed is captured again only
+        after the back-off a failed capture gets."""
+        for problem in self.graphs.pop(key).destroy():
+            log.warning("%s: %s", self.entry.name, problem)
+        if failed:
+            self.capture_waits[key] = (1, CAPTURE_RETRY_AFTER)
+
+    def _capture(self) -> _Graph:
+        """Record one `execute_async_v3` into a graph, after the plain run has finished (as
+        NVIDIA's own runtimes do: TensorRT's lazy per-shape setup is done by then). Thread-local
+        capture mode: only this thread's unsafe CUDA calls can invalidate the capture, and other
+        threads' CUDA calls (a threaded server) are not refused meanwhile."""
         rt = cudart()
-        mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal
+        cuda_call(rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
+        mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
         cuda_call(rt.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
-        enqueued = self.context.execute_async_v3(self.handle)
-        self.graph = cuda_call(rt.cudaStreamEndCapture(self.stream), "cudaStreamEndCapture")
-        if not enqueued:
-            raise BackendError("execute_async_v3 failed during capture")
-        self.graph_exec = cuda_call(rt.cudaGraphInstantiate(self.graph, 0), "cudaGraphInstantiate")
-        log.debug("%s: captured a CUDA graph for %s", self.entry.name, self.shapes)
+        try:
+            enqueued, problem = bool(self.context.execute_async_v3(self.handle)), "it returned False"
+        except Exception as exc:  # TensorRT raises its own error types; the capture must still end
+            enqueued, problem = False, repr(exc)
+        err, graph = rt.cudaStreamEndCapture(self.stream)
+        if err != rt.cudaError_t.cudaSuccess or not enqueued:
+            if not _is_null(graph):
+                _attempt(rt.cudaGraphDestroy, "cudaGraphDestroy", graph)
+            rt.cudaGetLastError()  # clear the capture's error so that the next CUDA call does not report it
+            if err != rt.cudaError_t.cudaSuccess:
+                message = rt.cudaGetErrorString(err)[1].decode(errors="replace")
+                raise BackendError(f"CUDA cudaStreamEndCapture failed: {err!r}: {message}")
+            raise BackendError(f"execute_async_v3 failed during capture ({problem})")
+        try:
+            graph_exec = cuda_call(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except BackendError:
+            _attempt(rt.cudaGraphDestroy, "cudaGraphDestroy", graph)
+            raise
+        return _Graph(graph, graph_exec)
 
-    def _drop_graph(self) -> None:
-        rt = cudart()
-        if self.graph_exec is not None:
-            cuda_call(rt.cudaGraphExecDestroy(self.graph_exec), "cudaGraphExecDestroy")
-        if self.graph is not None:
-            cuda_call(rt.cudaGraphDestroy(self.graph), "cudaGraphDestroy")
-        self.graph = self.graph_exec = None
-
-    def close(self) -> None:
-        self._drop_graph()
+    def close(self) -> list[str]:
+        """Release graphs, buffers, context and engine, going on past failures; returns them."""
+        problems: list[str] = []
+        for graph in self.graphs.values():
+            problems += graph.destroy()
+        self.graphs.clear()
         for buffer in self.buffers.values():
-            buffer.free()
+            problems += buffer.free()
         self.buffers.clear()
-        del self.context, self.engine
+        self.context = None  # the context before the engine it belongs to
+        self.engine = None
+        return problems
 
 
 class TrtBackend:
     """Runs bundle models on prebuilt TensorRT engines. Thread-safe: one lock, one CUDA stream."""
 
-    def __init__(
-        self,
-        bundle: Bundle,
-        precision: str = PRECISION,
-        engine_dir: str | Path | None = None,
-        cuda_graphs: bool = True,
-        device_id: int = 0,
-    ) -> None:
-        if precision != PRECISION:
-            raise ValueError(
-                f"TensorRT engines are built from the bundle's {PRECISION} ONNX: precision must be "
-                f"{PRECISION!r}; got {precision!r}"
-            )
-        self.bundle, self.cuda_graphs, self.device_id = bundle, cuda_graphs, device_id
-        self.engine_dir = Path(engine_dir) if engine_dir is not None else bundle.root / DEFAULT_DIR
-        self.device, self.precision = f"cuda:{device_id}", precision
-        self.environment = probe_environment(device_id)
+    def __init__(self, bundle: Bundle, config: BackendConfig | None = None) -> None:
+        config = own_config("tensorrt", config)
+        self.bundle, self.config = bundle, config
+        self.cuda_graphs, self.device_id = config.cuda_graphs, config.device_id
+        self.engine_dir = config.engine_dir if config.engine_dir is not None else bundle.root / DEFAULT_DIR
+        self.device, self.precision = f"cuda:{config.device_id}", PRECISION
+        self.environment = probe_environment(config.device_id)
         self.entries = self._usable_entries()
-        self._engines: dict[str, _Engine] = {}
+        self._plans: dict[str, _TrtPlan] = {}
         self._lock = threading.Lock()
         self._stream: Any = None
         self._logger: trt.ILogger | None = None
@@ -413,8 +596,8 @@ class TrtBackend:
             )
         return by_model
 
-    def _engine(self, entry: EngineEntry, spec: ModelSpec) -> _Engine:
-        if entry.name not in self._engines:
+    def _plan(self, entry: EngineEntry, spec: ModelSpec) -> _TrtPlan:
+        if entry.name not in self._plans:
             import tensorrt as trt
 
             rt = cudart()
@@ -426,14 +609,14 @@ class TrtBackend:
                 self._runtime = trt.Runtime(self._logger)
             assert self._runtime is not None
             try:
-                self._engines[entry.name] = _Engine(
+                self._plans[entry.name] = _TrtPlan(
                     entry, spec, self.engine_dir / entry.plan, self._runtime, self._stream, self.cuda_graphs
                 )
-            except BackendError as exc:
+            except StalePlan as exc:
                 command = build_command(self.bundle.root, self.engine_dir, stale_only=True)
-                raise BackendError(f"{exc}\nrebuild it with: {command}") from exc
+                raise StalePlan(f"{exc}\nrebuild it with: {command}") from exc
             log.info("loaded TensorRT engine %s", entry.name)
-        return self._engines[entry.name]
+        return self._plans[entry.name]
 
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model_entry = self.bundle.models.get(model)
@@ -446,11 +629,10 @@ class TrtBackend:
             calls = plan_calls(
                 spec, [e.profiles[k] for e, k in choices], {n: a.shape for n, a in feeds.items()}
             )
-        except NoProfile as exc:
-            command = build_command(self.bundle.root, self.engine_dir, stale_only=False)
-            f, dims = self.bundle.vae_scale_factor, exc.dims
-            hint = f" --shapes {dims['width'] * f}x{dims['height'] * f}" if "height" in dims else ""
-            raise BackendError(f"{exc}; build one with: {command}{hint}") from exc
+        except NoProfile as exc:  # a valid request the built engines cannot take: a SetupError
+            extra = profile_arguments(exc.dims, exc.profiles, self.bundle.vae_scale_factor)
+            command = build_command(self.bundle.root, self.engine_dir, stale_only=False, extra=extra)
+            raise NoProfile(exc.model, exc.dims, exc.profiles, command) from None
         except ValueError as exc:
             raise BackendError(str(exc)) from exc
         batched = {t.name for t in spec.inputs if t.shape[0] == "batch"}
@@ -460,7 +642,7 @@ class TrtBackend:
             for index, rows in calls:
                 entry, profile = choices[index]
                 sub = {n: a[rows] if n in batched else a for n, a in feeds.items()}
-                parts.append(self._engine(entry, spec).run(profile, sub))
+                parts.append(self._plan(entry, spec).run(profile, sub))
         if len(parts) == 1:
             return parts[0]
         return {name: np.concatenate([p[name] for p in parts]) for name in spec.output_names}
@@ -471,10 +653,18 @@ class TrtBackend:
         no engine that is never run."""
 
     def close(self) -> None:
+        """Free every plan's graphs, buffers and context, then the stream; a CUDA error does not stop
+        the rest from being freed, and all of them are reported together afterwards."""
         with self._lock:
-            for engine in self._engines.values():
-                engine.close()
-            self._engines.clear()
+            if not self._plans and self._stream is None:
+                return
+            rt = cudart()
+            problems = _attempt(rt.cudaSetDevice, "cudaSetDevice", self.device_id)
+            for plan in self._plans.values():
+                problems += plan.close()
+            self._plans.clear()
             if self._stream is not None:
-                cuda_call(cudart().cudaStreamDestroy(self._stream), "cudaStreamDestroy")
-                self._stream = self._runtime = self._logger = None
+                problems += _attempt(rt.cudaStreamDestroy, "cudaStreamDestroy", self._stream)
+            self._stream = self._runtime = self._logger = None
+        if problems:
+            raise BackendError("closing the TensorRT backend: " + "; ".join(problems))

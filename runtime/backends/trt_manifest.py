@@ -1,9 +1,10 @@
 """The engine manifest (`<bundle>/engines/manifest.json`): what each plan was built from, and for what.
 
-A TensorRT plan is only valid for the ONNX content, TensorRT version and GPU architecture it was
-built with, so the cache key is content, never a path (TensorRT's demo reuses any file that
-exists). `python -m engines.build` writes the entries; TrtBackend refuses every entry whose key
-no longer matches this process, says why, and names the command that rebuilds it.
+A TensorRT plan is only valid for the ONNX content, TensorRT build (version and CUDA variant: the
+cu12 and cu13 wheels share a version string) and GPU architecture it was built with, so the cache
+key is content, never a path (TensorRT's demo reuses any file that exists). `python -m
+engines.build` writes the entries; TrtBackend refuses every entry whose key no longer matches this
+process, says why, and names the command that rebuilds it.
 
     {"format": "sdrt-engines", "format_version": 1,
      "engines": {"unet.b1-8.512x512": {
@@ -12,9 +13,15 @@ no longer matches this process, says why, and names the command that rebuilds it
         "profiles": [{"batch": {"min": 1, "opt": 2, "max": 8}, "height": {...}, ...}],
         "flags": {"precision": "fp16", "strongly_typed": true},
         "settings": {"opt_level": 3 | null, "workspace_gb": 8.0 | null},
-        "environment": {"tensorrt": "10.13.0.35", "cuda_runtime": "12.8", "cuda_driver": "12.9",
-                        "gpu": "NVIDIA L4", "compute_capability": "8.9"},
-        "build_seconds": 312.4, "key": "<sha256 of source, tensorrt, capability, profiles, flags>"}}}
+        "environment": {"tensorrt": "10.16.1.11", "tensorrt_cuda": "cu13",
+                        "cuda_runtime": "13.0", "cuda_driver": "13.0",
+                        "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"},
+        "build_seconds": 312.4,
+        "key": "<sha256 of source, tensorrt, tensorrt_cuda, capability, profiles, flags>"}}}
+
+`tensorrt_cuda` is the CUDA major TensorRT was built for ("cu13"), `cuda_runtime` the libcudart
+TensorRT loaded in the building process, `cuda_driver` the CUDA version the driver supports: what
+TensorRT and the driver actually use, not cuda-python's own statically linked runtime.
 """
 
 from __future__ import annotations
@@ -22,12 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import shlex
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from runtime.backends.trt_shapes import Profile
 from runtime.bundle import Bundle, DimRange
+from runtime.errors import SetupError
 
 FORMAT = "sdrt-engines"
 FORMAT_VERSION = 1
@@ -36,13 +45,15 @@ DEFAULT_DIR = "engines"  # inside the bundle
 PRECISION = "fp16"  # engines are built from the bundle's fp16 ONNX (precision lives in the graph)
 
 
-class EngineManifestError(ValueError):
-    """manifest.json is unreadable or of another format."""
+class EngineManifestError(SetupError):
+    """The engine directory's manifest.json is unreadable or of another format (a broken
+    installation, not a bad request)."""
 
 
 @dataclass(frozen=True)
 class GpuEnvironment:
     tensorrt: str
+    tensorrt_cuda: str  # the CUDA variant of TensorRT's build: "cu12", "cu13" (part of the key)
     cuda_runtime: str
     cuda_driver: str
     gpu: str
@@ -89,25 +100,24 @@ class EngineEntry:
             profiles=tuple({k: DimRange(**r) for k, r in p.items()} for p in data["profiles"]),
             flags=dict(data["flags"]),
             settings=dict(data["settings"]),
-            environment=GpuEnvironment(**data["environment"]),
+            # manifests written before the CUDA variant was recorded: "" (stale until rebuilt)
+            environment=GpuEnvironment(**{"tensorrt_cuda": "", **data["environment"]}),
             build_seconds=float(data["build_seconds"]),
             key=data["key"],
         )
 
 
 def cache_key(
-    source: SourceOnnx,
-    tensorrt: str,
-    compute_capability: str,
-    profiles: tuple[Profile, ...],
-    flags: dict[str, Any],
+    source: SourceOnnx, env: GpuEnvironment, profiles: tuple[Profile, ...], flags: dict[str, Any]
 ) -> str:
-    """sha256 over everything a plan depends on: the ONNX content, TensorRT, the GPU architecture,
-    the optimisation profiles and the precision flags."""
+    """sha256 over everything a plan depends on: the ONNX content, TensorRT (version and CUDA
+    variant), the GPU architecture, the optimisation profiles and the precision flags. The GPU's
+    name, the CUDA runtime and driver versions are recorded but not part of it."""
     fields = {
         "source": asdict(source),
-        "tensorrt": tensorrt,
-        "compute_capability": compute_capability,
+        "tensorrt": env.tensorrt,
+        "tensorrt_cuda": env.tensorrt_cuda,
+        "compute_capability": env.compute_capability,
         "profiles": [{k: asdict(r) for k, r in sorted(p.items())} for p in profiles],
         "flags": flags,
     }
@@ -116,13 +126,13 @@ def cache_key(
 
 def entry_key(entry: EngineEntry, env: GpuEnvironment, source: SourceOnnx) -> str:
     """The key `entry` would have if it were built here, now, from `source`."""
-    return cache_key(source, env.tensorrt, env.compute_capability, entry.profiles, entry.flags)
+    return cache_key(source, env, entry.profiles, entry.flags)
 
 
 def source_onnx(bundle: Bundle, model: str) -> SourceOnnx:
     """The fp16 ONNX an engine for `model` is built from, with the hashes the bundle recorded."""
-    f = bundle.manifest["models"][model]["files"][PRECISION]
-    return SourceOnnx(f["file"], f["sha256"], f.get("external_data_sha256"))
+    f = bundle.graph(model, PRECISION)
+    return SourceOnnx(f.file, f.sha256, f.external_data_sha256)
 
 
 def stale_reasons(entry: EngineEntry, env: GpuEnvironment, source: SourceOnnx) -> list[str]:
@@ -133,6 +143,11 @@ def stale_reasons(entry: EngineEntry, env: GpuEnvironment, source: SourceOnnx) -
         reasons.append(f"{source.file} or its weights changed since the build (sha256 {was} -> {now})")
     if built.tensorrt != env.tensorrt:
         reasons.append(f"built with TensorRT {built.tensorrt}, this process has {env.tensorrt}")
+    elif built.tensorrt_cuda != env.tensorrt_cuda:
+        was = built.tensorrt_cuda or "an unrecorded CUDA variant"
+        reasons.append(
+            f"built with TensorRT {built.tensorrt} for {was}, this process has its {env.tensorrt_cuda} build"
+        )
     if built.compute_capability != env.compute_capability:
         reasons.append(
             f"built for compute capability {built.compute_capability} ({built.gpu}), "
@@ -143,14 +158,17 @@ def stale_reasons(entry: EngineEntry, env: GpuEnvironment, source: SourceOnnx) -
     return reasons
 
 
-def build_command(bundle_root: Path, engine_dir: Path, stale_only: bool) -> str:
-    """The exact command that (re)builds engines for this bundle and engine directory."""
+def build_command(
+    bundle_root: Path, engine_dir: Path, stale_only: bool, extra: Sequence[str] = ()
+) -> str:
+    """The exact command that (re)builds engines for this bundle and engine directory; `extra`
+    arguments (say `--shapes 640x512`) are appended."""
     parts = ["python", "-m", "engines.build", str(bundle_root)]
     if engine_dir.resolve() != (bundle_root / DEFAULT_DIR).resolve():
         parts += ["--engine-dir", str(engine_dir)]
     if stale_only:
         parts.append("--rebuild-stale")
-    return shlex.join(parts)
+    return shlex.join([*parts, *extra])
 
 
 def read_manifest(engine_dir: Path) -> dict[str, EngineEntry]:

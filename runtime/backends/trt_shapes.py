@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from runtime.bundle import DimRange
+from runtime.errors import SetupError
 from runtime.specs import ModelSpec
 
 Profile = Mapping[str, DimRange]
@@ -74,14 +75,36 @@ def pick_profile(profiles: Sequence[Profile], dims: Mapping[str, int]) -> int | 
     return min(fits, key=lambda i: slack(profiles[i])) if fits else None
 
 
-class NoProfile(ValueError):
-    """No engine profile accepts a request's dims (kept on the error for rebuild advice)."""
+class NoProfile(SetupError):
+    """No engine profile accepts a request's dims. The request passed the bundle's validation, so
+    the engines are what is missing (the server's fault, not the caller's): a `SetupError` whose
+    message, once the backend adds it (`command`), names the `python -m engines.build` command that
+    builds a profile for these dims."""
 
-    def __init__(self, model: str, dims: dict[str, int], profiles: Sequence[Profile]) -> None:
+    def __init__(
+        self, model: str, dims: dict[str, int], profiles: Sequence[Profile], command: str | None = None
+    ) -> None:
         wanted = ", ".join(f"{k} {v}" for k, v in dims.items())
         built = "; ".join(describe(p) for p in profiles) or "none"
-        super().__init__(f"{model}: no engine profile accepts {wanted} (built: {built})")
-        self.dims = dims
+        message = f"{model}: no engine profile accepts {wanted} (built: {built})"
+        if command is not None:
+            message += f"; add one with: {command}"
+        super().__init__(message)
+        self.model, self.dims, self.profiles, self.command = model, dims, tuple(profiles), command
+
+
+def profile_arguments(dims: Mapping[str, int], profiles: Sequence[Profile], scale: int) -> list[str]:
+    """`python -m engines.build` arguments whose engine accepts `dims`: `--shapes WxH` (pixels) for
+    the request's image size, and `--batch LO-HI` when no built profile takes its batch size."""
+    args = []
+    if "height" in dims and "width" in dims:
+        args += ["--shapes", f"{dims['width'] * scale}x{dims['height'] * scale}"]
+    batch = dims.get("batch")
+    built = [p["batch"] for p in profiles if "batch" in p]
+    if batch is not None and not any(r.min <= batch <= r.max for r in built):
+        low, high = min([batch, *(r.min for r in built)]), max([batch, *(r.max for r in built)])
+        args += ["--batch", f"{low}-{high}"]
+    return args
 
 
 def plan_calls(

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .base import Scheduler, SchedulerConfig
+from .base import SD15_SCHEDULER, Scheduler, SchedulerConfig
 from .ddim import DDIMScheduler
 from .dpmpp_2m import DPMSolverPP2MKarrasScheduler, DPMSolverPP2MScheduler
 from .euler import EulerDiscreteScheduler
@@ -34,4 +34,4 @@ def make_scheduler(name: str, config: Mapping[str, Any]) -> Scheduler:
     return _REGISTRY[name](SchedulerConfig.from_dict(config))
 
 
-__all__ = ["SCHEDULERS", "Scheduler", "SchedulerConfig", "make_scheduler"]
+__all__ = ["SCHEDULERS", "SD15_SCHEDULER", "Scheduler", "SchedulerConfig", "make_scheduler"]

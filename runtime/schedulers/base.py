@@ -43,6 +43,24 @@ _REQUIRED_IF_PRESENT: dict[str, Any] = {
 }
 
 
+# SD 1.5's scheduler_config.json (the PNDM/PLMS defaults): what a preset bundle carries and what the
+# schedulers are parity-tested with.
+SD15_SCHEDULER: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "clip_sample": False,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+}
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """The subset of a diffusers `scheduler_config.json` these samplers use.
@@ -172,11 +190,18 @@ class Scheduler(ABC):
     ) -> np.ndarray:
         """One denoising step: x_t -> x_{t-1} given the UNet's epsilon; returns prev_sample."""
 
-    def _check_steps(self, num_inference_steps: int) -> int:
-        n = num_inference_steps
+    @property
+    def max_steps(self) -> int:
+        """The most inference steps this config allows. "leading" spacing shifts every timestep by
+        `steps_offset`, so at one step per training timestep the first would be past the table
+        (SD 1.5: 1000 steps would ask for timestep 1000 of 0..999; diffusers fails there too)."""
         total = self.config.num_train_timesteps
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= total:
-            raise ValueError(f"num_inference_steps must be an int in [1, {total}], got {n!r}")
+        return total - self.config.steps_offset if self.spacing == "leading" else total
+
+    def _check_steps(self, num_inference_steps: int) -> int:
+        n, most = num_inference_steps, self.max_steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= most:
+            raise ValueError(f"num_inference_steps must be an int in [1, {most}], got {n!r}")
         return int(n)
 
     def _check_index(self, step_index: int) -> None:

@@ -1,8 +1,10 @@
 """The FastAPI app: /v1/generate, health, readiness and metrics, plus the KServe v2 routes.
 
-`create_app(engine, settings)` wires an `Engine` to HTTP. By default the app's lifespan starts
-the engine (warm-up runs in a thread, so /healthz answers and /readyz says 503 meanwhile) and
-closes it at shutdown, after uvicorn has let in-flight requests finish.
+`create_app(engine, options)` wires an `Engine` to HTTP with a validated `ServerOptions`. By
+default the app's lifespan starts the engine (warm-up runs in a thread, so /healthz answers and
+/readyz says 503 meanwhile) and closes it at shutdown, after uvicorn has let in-flight requests
+finish. Every failure reaches the client as one JSON line: RequestError 4xx, SetupError and
+anything unexpected 5xx naming only its kind (the log has the rest), never a traceback.
 """
 
 from __future__ import annotations
@@ -10,39 +12,29 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from runtime.errors import RequestError, SetupError
 from runtime.image import infotext, png_bytes
 from runtime.pipeline import Result
 from runtime.serving.auth import bearer_auth
-from runtime.serving.body_limit import BodyLimitMiddleware
 from runtime.serving.dispatch import generate, prepare, request_timeout
-from runtime.serving.engine import Engine
-from runtime.serving.errors import describe_validation, error_response
+from runtime.serving.engine import Engine, one_line
+from runtime.serving.errors import describe_validation, error_response, server_fault, unparsable_body
 from runtime.serving.kserve import build_router
-from runtime.serving.limits import Limits
 from runtime.serving.metrics import Metrics, MetricsMiddleware
+from runtime.serving.middleware import BodyMiddleware, ShutdownMiddleware
+from runtime.serving.options import ServerOptions
 from runtime.serving.schemas import ErrorResponse, GenerateRequest, GenerateResponse, GenerationParameters
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    model_name: str = "sdrt"  # the KServe v2 model name
-    backend: str = "onnxruntime"  # for the PNGs' "Backend" setting, as the CLI writes it
-    limits: Limits = field(default_factory=Limits)
-    token: str | None = None  # bearer token for /v1, /v2 models and /metrics; None: open
-    shutdown_grace_s: float = 30.0  # engine.close() budget once uvicorn has drained connections
-    manage_engine: bool = True  # lifespan starts and closes the engine
 
 
 def wants_png(accept: str) -> bool:
@@ -80,21 +72,36 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
-    settings = settings or ServerSettings()
-    limits = settings.limits
+def create_app(
+    engine: Engine,
+    options: ServerOptions | None = None,
+    *,
+    manage_engine: bool = True,
+    on_start_failure: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The app for `engine`. manage_engine: the lifespan starts the engine and closes it at shutdown
+    (Ray replicas start their own); on_start_failure(exc): told when that start (warm-up) fails."""
+    options = (options or ServerOptions()).validate()
+    limits = options.limits
+    backend_name = options.backend.backend
     metrics = Metrics(engine)
-    auth = bearer_auth(settings.token)
+    auth = bearer_auth(options.token)
     model_dir = engine.bundle.root.resolve().name
+
+    def started(task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and on_start_failure is not None:
+            on_start_failure(task.exception())  # type: ignore[arg-type]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        starter = asyncio.create_task(asyncio.to_thread(engine.start)) if settings.manage_engine else None
+        starter = asyncio.create_task(asyncio.to_thread(engine.start)) if manage_engine else None
+        if starter is not None:
+            starter.add_done_callback(started)
         yield
-        if settings.manage_engine:
-            await asyncio.to_thread(engine.close, settings.shutdown_grace_s)
+        if manage_engine:
+            await asyncio.to_thread(engine.close, options.shutdown_grace_s)
         if starter is not None and starter.done() and not starter.cancelled() and starter.exception():
-            log.error("the engine had failed to start: %s", engine.error)
+            log.error("the engine had failed to start: %s", one_line(engine.error or "unknown error"))
 
     app = FastAPI(
         title="sdrt",
@@ -102,7 +109,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         summary="Stable Diffusion 1.x on ONNX Runtime: JSON/PNG API and the KServe v2 (Triton) protocol",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    # Added inner first: Metrics sees every answer (503 at shutdown too), then the shutdown guard,
+    # then the body reader, which counts a request in flight only once its body has arrived.
+    app.add_middleware(BodyMiddleware, max_bytes=limits.max_body_bytes, timeout_s=limits.read_timeout_s,
+                       in_flight=metrics.http_in_flight)  # fmt: skip
+    app.add_middleware(ShutdownMiddleware, grace_s=options.shutdown_grace_s)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(RequestValidationError)
@@ -112,7 +123,20 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(request.url.path, exc.status_code, str(exc.detail), dict(exc.headers or {}))
+        message = str(exc.detail)
+        if exc.status_code == 400:  # FastAPI's opaque "error parsing the body": say why when known
+            message = unparsable_body(exc.__cause__) or message
+        return error_response(request.url.path, exc.status_code, message, dict(exc.headers or {}))
+
+    @app.exception_handler(RequestError)
+    async def on_bad_request(request: Request, exc: RequestError) -> JSONResponse:
+        return error_response(request.url.path, 422, str(exc))
+
+    @app.exception_handler(SetupError)
+    async def on_broken_setup(request: Request, exc: SetupError) -> JSONResponse:
+        log.error("%s: %s", request.url.path, one_line(str(exc)))
+        fault = server_fault(exc)
+        return error_response(request.url.path, fault.status_code, str(fault.detail))
 
     @app.exception_handler(Exception)
     async def on_crash(request: Request, exc: Exception) -> JSONResponse:
@@ -154,15 +178,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         summary="prompt in, images out (JSON with base64 PNGs, or one PNG with Accept: image/png)",
     )
     async def generate_v1(body: GenerateRequest, request: Request) -> Response:
-        try:
-            options = prepare(body.to_options(), engine, limits)
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        result = await generate(request, engine, options, request_timeout(body.timeout, limits), _record)
+        resolved = prepare(body.to_options(), engine, limits)  # RequestError: 422 (on_bad_request)
+        result = await generate(request, engine, resolved, request_timeout(body.timeout, limits), _record)
         precision = engine.pipeline.backend.precision
-        texts = [
-            infotext(result, i, settings.backend, precision, model_dir) for i in range(len(result.images))
-        ]
+        texts = [infotext(result, i, backend_name, precision, model_dir) for i in range(len(result.images))]
         pngs = await asyncio.to_thread(
             lambda: [png_bytes(im, t) for im, t in zip(result.images, texts, strict=True)]
         )
@@ -177,5 +196,5 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         )
         return JSONResponse(payload.model_dump())
 
-    app.include_router(build_router(engine, limits, settings.model_name, settings.backend, auth, _record))
+    app.include_router(build_router(engine, limits, options.model_name, backend_name, auth, _record))
     return app

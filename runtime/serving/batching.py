@@ -16,12 +16,12 @@ from dataclasses import replace
 import numpy as np
 
 from runtime.bundle import Bundle
-from runtime.options import GenerateOptions
+from runtime.options import ResolvedOptions
 from runtime.pipeline import Result
 from runtime.schedulers import make_scheduler
 
 
-def batch_key(options: GenerateOptions, bundle: Bundle) -> Hashable | None:
+def batch_key(options: ResolvedOptions, bundle: Bundle) -> Hashable | None:
     """What merged requests must share; None: this request always runs alone. `options` are validated."""
     o = options
     if len(o.prompts) != 1 or o.latents is not None or o.long_prompt != "truncate":
@@ -32,32 +32,26 @@ def batch_key(options: GenerateOptions, bundle: Bundle) -> Hashable | None:
             o.num_images)  # fmt: skip
 
 
-def initial_latents(options: GenerateOptions, bundle: Bundle) -> np.ndarray:
-    """(num_images, C, h, w) noise from seed + i: what `Pipeline` draws when given no latents."""
-    f = bundle.vae_scale_factor
-    shape = (bundle.manifest["latent_channels"], options.height // f, options.width // f)  # type: ignore[operator]
-    rngs = [np.random.default_rng(options.seed + i) for i in range(options.total_images)]
-    return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
-
-
-def merge(batch: list[GenerateOptions], bundle: Bundle) -> GenerateOptions:
+def merge(batch: list[ResolvedOptions], bundle: Bundle) -> ResolvedOptions:
     """One call for all: prompt k's rows are request k's images (the pipeline is prompt-major)."""
     first = batch[0]
     return replace(
         first,
         prompts=tuple(o.prompts[0] for o in batch),
-        negative_prompts=tuple(o.negative_prompts[0] if o.negative_prompts else "" for o in batch),
-        latents=np.concatenate([initial_latents(o, bundle) for o in batch]),
+        negative_prompts=tuple(o.negative_prompts[0] for o in batch),
+        latents=np.concatenate(
+            [o.initial_latents(bundle.latent_channels, bundle.vae_scale_factor) for o in batch]
+        ),
     )
 
 
-def split(result: Result, batch: list[GenerateOptions]) -> list[Result]:
+def split(result: Result, batch: list[ResolvedOptions]) -> list[Result]:
     """The merged result, cut back into one Result per request, with that request's seeds."""
     n = batch[0].num_images
     return [
         Result(
             images=result.images[k * n : (k + 1) * n],
-            seeds=[o.seed + i for i in range(n)],
+            seeds=o.seeds,
             options=o,
             timings=dict(result.timings),
         )

@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 from fastapi import HTTPException, Request
 
-from runtime.options import GenerateOptions, validate
+from runtime.errors import SetupError
+from runtime.options import GenerateOptions, ResolvedOptions, validate
 from runtime.pipeline import Cancelled, Result
 from runtime.serving.engine import DeadlineExceeded, Engine, EngineClosed, Job, QueueFull
-from runtime.serving.errors import CLIENT_CLOSED
+from runtime.serving.errors import CLIENT_CLOSED, RETRY_AFTER_S, server_fault
 from runtime.serving.limits import Limits, check_limits, check_prompts
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 POLL_S = 0.1  # how often a waiting request checks for a client disconnect
 
 
-def prepare(options: GenerateOptions, engine: Engine, limits: Limits) -> GenerateOptions:
-    """Validated options within the server's limits; ValueError naming the parameter otherwise."""
+def prepare(options: GenerateOptions, engine: Engine, limits: Limits) -> ResolvedOptions:
+    """Validated options within the server's limits; RequestError naming the parameter otherwise."""
     check_prompts(options, limits)  # before tokenising anything
     o = validate(options, engine.bundle)
     check_limits(o, limits)
@@ -38,13 +39,13 @@ def request_timeout(asked: float | None, limits: Limits) -> float:
     return limits.timeout_s if asked is None else min(asked, limits.timeout_s)
 
 
-def _submit(engine: Engine, options: GenerateOptions, timeout: float) -> Job:
+def _submit(engine: Engine, options: ResolvedOptions, timeout: float) -> Job:
     try:
         return engine.submit(options, timeout)
     except QueueFull as exc:
         raise HTTPException(429, str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
     except EngineClosed as exc:
-        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from None
+        raise HTTPException(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
 
@@ -52,7 +53,7 @@ def _submit(engine: Engine, options: GenerateOptions, timeout: float) -> Job:
 async def generate(
     request: Request,
     engine: Engine,
-    options: GenerateOptions,
+    options: ResolvedOptions,
     timeout: float,
     on_done: Callable[[Result, int], None] | None = None,
 ) -> Result:
@@ -80,11 +81,12 @@ async def generate(
         raise HTTPException(504, f"deadline of {timeout:g} s exceeded; generation cancelled") from None
     except Cancelled as exc:
         raise HTTPException(CLIENT_CLOSED, str(exc)) from None
+    except SetupError as exc:  # the engine logged it; the caller learns only that it is not their fault
+        raise server_fault(exc) from None
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    except Exception as exc:
-        log.error("generation failed: %s", exc)
-        raise HTTPException(500, f"generation failed: {exc}") from None
+    except Exception as exc:  # logged by the engine's worker, with its traceback
+        raise server_fault(exc) from None
     if on_done is not None:
         on_done(result, job.batch_size)
     return result

@@ -21,16 +21,23 @@ from collections import deque
 from collections.abc import Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 
+from runtime.backends.config import THREADED, BackendConfig
 from runtime.bundle import Bundle
-from runtime.options import MAX_IMAGES, GenerateOptions, validate
+from runtime.errors import RequestError, SetupError
+from runtime.options import MAX_IMAGES, GenerateOptions, ResolvedOptions, validate
 from runtime.pipeline import Cancelled, Pipeline, Result
 from runtime.serving.batching import batch_key, merge, split
+from runtime.serving.checks import SettingError, int_in, number_in
 
 log = logging.getLogger(__name__)
+
+MAX_WORKERS = 64  # concurrent generate() calls per engine
+MAX_QUEUE = 100_000
+MAX_WAIT_MS = 10_000.0
 
 
 class QueueFull(RuntimeError):
@@ -57,11 +64,23 @@ class EngineConfig:
     max_wait_s: float = 0.005  # how long a worker waits for more same-shape requests to merge
     warmup: bool = True  # run each model once in start(), so the first request does not pay loading
 
+    def validate(self) -> EngineConfig:
+        """This config, or RequestError naming the setting (as the CLIs spell it) and its range."""
+        int_in("workers", self.workers, 1, MAX_WORKERS)
+        int_in("max_queue", self.max_queue, 0, MAX_QUEUE)
+        int_in("max_batch", self.max_batch, 1, MAX_IMAGES)
+        if isinstance(self.max_wait_s, bool) or not isinstance(self.max_wait_s, (int, float)):
+            raise SettingError("max_wait_ms", f"must be a number; got {self.max_wait_s!r:.40}")
+        number_in("max_wait_ms", self.max_wait_s * 1000, 0, MAX_WAIT_MS)
+        if not isinstance(self.warmup, bool):
+            raise SettingError("warmup", f"must be true or false; got {self.warmup!r:.40}")
+        return self
+
 
 class Job:
     """One submitted generation: `future` resolves to its Result, or to Cancelled/DeadlineExceeded."""
 
-    def __init__(self, options: GenerateOptions, deadline: float | None, key: Hashable | None):
+    def __init__(self, options: ResolvedOptions, deadline: float | None, key: Hashable | None):
         self.options = options
         self.deadline = deadline  # time.monotonic() value, or None
         self.key = key
@@ -95,6 +114,12 @@ class Job:
             self.future.set_exception(exc)
 
 
+def one_line(text: str, limit: int = 2000) -> str:
+    """A message on one log line: its lines joined by " | ", cut at `limit` characters."""
+    joined = " | ".join(line.strip() for line in text.splitlines() if line.strip())
+    return joined if len(joined) <= limit else joined[: limit - 3] + "..."
+
+
 def default_threads(workers: int) -> int | None:
     """Intra-op threads per session: all cores for one worker (ORT's default), else an equal share."""
     return None if workers <= 1 else max(1, (os.cpu_count() or 1) // workers)
@@ -106,8 +131,7 @@ class Engine:
     def __init__(self, pipeline: Pipeline, config: EngineConfig | None = None):
         self.pipeline = pipeline
         self.config = config or EngineConfig()
-        if self.config.workers < 1 or self.config.max_queue < 0 or self.config.max_batch < 1:
-            raise ValueError(f"workers and max_batch must be >= 1 and max_queue >= 0; got {self.config}")
+        self.config.validate()
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._active: set[Job] = set()
@@ -125,16 +149,18 @@ class Engine:
     def open(
         cls,
         bundle: Bundle | str | Path,
-        backend: str = "onnxruntime",
-        precision: str | None = None,
+        backend: BackendConfig | None = None,
         config: EngineConfig | None = None,
-        **backend_options: object,
+        verify: str = "stamp",
     ) -> Engine:
-        """Load the bundle; onnxruntime gets `threads` = default_threads(workers) unless given."""
+        """Load the bundle (checked as `verify` says: runtime.bundle.VERIFY_MODES); a CPU backend
+        without `threads` gets default_threads(workers)."""
         config = config or EngineConfig()
-        if backend == "onnxruntime" and backend_options.get("threads") is None:
-            backend_options["threads"] = default_threads(config.workers)
-        return cls(Pipeline(bundle, backend, precision, **backend_options), config)
+        bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
+        backend = (backend or BackendConfig()).validate()
+        if backend.backend in THREADED and backend.threads is None:
+            backend = replace(backend, threads=default_threads(config.workers))
+        return cls(Pipeline(bundle, backend), config)
 
     @property
     def bundle(self) -> Bundle:
@@ -168,7 +194,10 @@ class Engine:
                 self._warm_up()
         except Exception as exc:
             self.error = f"warm-up failed: {exc}"
-            log.exception("engine warm-up failed")
+            if isinstance(exc, SetupError):  # a broken bundle or backend: its message names the file
+                log.error("engine %s", one_line(self.error))
+            else:
+                log.exception("engine warm-up failed")
             self._fail_queued(EngineClosed(self.error))
             self._start_done.set()
             raise
@@ -192,8 +221,8 @@ class Engine:
             )
         log.info("warm-up (%s) took %.2f s", ", ".join(modes), time.perf_counter() - start)
 
-    def submit(self, options: GenerateOptions, timeout: float | None = None) -> Job:
-        """Validate and queue; raises ValueError (bad options), QueueFull or EngineClosed."""
+    def submit(self, options: GenerateOptions | ResolvedOptions, timeout: float | None = None) -> Job:
+        """Validate (unless already resolved) and queue; raises RequestError, QueueFull or EngineClosed."""
         o = validate(options, self.bundle)
         key = batch_key(o, self.bundle) if self.config.max_batch > 1 else None
         job = Job(o, None if timeout is None else time.monotonic() + timeout, key)
@@ -208,7 +237,7 @@ class Engine:
             self._cond.notify_all()
         return job
 
-    def generate(self, options: GenerateOptions, timeout: float | None = None) -> Result:
+    def generate(self, options: GenerateOptions | ResolvedOptions, timeout: float | None = None) -> Result:
         """Blocking convenience: submit and wait (the wait is bounded by `timeout` too)."""
         job = self.submit(options, timeout)
         try:
@@ -296,7 +325,10 @@ class Engine:
             for job in batch:
                 job._fail(job._stopped_error())
         except Exception as exc:
-            log.exception("generation failed for %d request(s)", len(batch))
+            if isinstance(exc, (SetupError, RequestError)):  # typed: the message says it all
+                log.error("generation failed for %d request(s): %s", len(batch), one_line(str(exc)))
+            else:
+                log.exception("generation failed for %d request(s)", len(batch))
             for job in batch:
                 job._fail(exc)
         else:

@@ -12,10 +12,15 @@ from typing import Any
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 
+from runtime.errors import SetupError
+
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never delivered
+RETRY_AFTER_S = 5  # what a 503 (shutting down, engine closed) tells the caller to wait
 
 
 def error_payload(path: str, message: str) -> dict[str, str]:
+    # A message may quote the caller's text: a lone surrogate in it must not break the JSON encoder.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": message} if path.startswith("/v2") else {"detail": message}
 
 
@@ -25,11 +30,27 @@ def error_response(
     return JSONResponse(error_payload(path, message), status_code=status, headers=headers)
 
 
-class BodyTooLarge(HTTPException):
-    """An HTTPException so FastAPI's body reader lets it through instead of wrapping it in a 400."""
+def body_too_large(limit: int) -> str:
+    return f"request body must be at most {limit} bytes"
 
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body must be at most {limit} bytes")
+
+def unparsable_body(cause: BaseException | None) -> str | None:
+    """The message for a JSON body the parser gave up on (FastAPI's opaque 400), when the cause says why."""
+    if isinstance(cause, RecursionError):
+        return "malformed JSON body: nested too deeply"
+    if isinstance(cause, UnicodeDecodeError):
+        return f"malformed JSON body: not UTF-8 (byte {cause.start})"
+    return None
+
+
+def server_fault(exc: BaseException) -> HTTPException:
+    """500 for a failure that is not the caller's. The body names its kind, never its text: that
+    is for the operator (logged), and may be a backend's multi-line dump of internal state."""
+    if isinstance(exc, SetupError):
+        what = f"the server's model setup is broken ({type(exc).__name__})"
+    else:
+        what = f"generation failed inside the server ({type(exc).__name__})"
+    return HTTPException(500, f"{what}; the request itself was valid; the server log has the details")
 
 
 def describe_validation(errors: Sequence[Any]) -> tuple[int, str]:

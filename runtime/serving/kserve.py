@@ -6,6 +6,9 @@ one-element `negative_prompt`, `scheduler`, `mode`, `compose_mode`, `long_prompt
 `normalize` (BOOL). Outputs: `image` UINT8 [N, H, W, 3], `seed` INT64 [N] and `parameters`
 BYTES [N] (each image's A1111 text, as in its PNG). Request parameter `timeout` (microseconds,
 Triton's unit) shortens the deadline.
+
+Errors: a malformed request (JSON, tensor shapes, datatypes, unknown inputs) is 400, as Triton
+answers; a well-formed one with a bad value (unreadable text, steps out of range) is 422, as /v1.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
+from runtime.errors import RequestError
 from runtime.image import infotext
 from runtime.options import GenerateOptions
 from runtime.pipeline import Result
@@ -89,8 +93,8 @@ def _one(name: str, spec: InferTensor, value: Tensor) -> Any:
     if kind == "BYTES":
         try:
             return bytes(element).decode("utf-8")
-        except UnicodeDecodeError:
-            raise CodecError(f"input {name} must be UTF-8 text") from None
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"input {name} must be valid UTF-8 text; byte {exc.start} is not") from None
     if kind == "FP32":
         return float(str(element))  # shortest decimal: FP32 7.3 stays 7.3 in the infotext, as the CLI's
     if kind == "BOOL":
@@ -202,7 +206,7 @@ def build_router(
             parsed, specs, values = decode_request(body, request.headers.get(HEADER_LENGTH))
             names, binary = _wanted_outputs(parsed)
             options = prepare(options_from_inputs(specs, values), engine, limits)
-        except ValueError as exc:  # CodecError, and validate()/limits messages
+        except CodecError as exc:  # not a well-formed v2 request; bad values (RequestError) are 422
             raise HTTPException(400, str(exc)) from None
         asked = parsed.parameters.get("timeout")
         timeout = request_timeout(

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field, ValidationError
 
+from runtime.errors import RequestError
+
 NUMPY_TYPES: dict[str, np.dtype] = {
     name: np.dtype(t).newbyteorder("<")
     for name, t in {
@@ -26,10 +28,14 @@ NUMPY_TYPES: dict[str, np.dtype] = {
     }.items()
 }  # fmt: skip
 HEADER_LENGTH = "Inference-Header-Content-Length"
+MAX_DATA_DEPTH = 32  # nesting of an input's JSON `data` (a tensor's rank; real ones have a few)
 
 
-class CodecError(ValueError):
-    """The request is not a well-formed v2 inference request; the message says which part."""
+class CodecError(RequestError):
+    """The request is not a well-formed v2 inference request (400); the message says which part.
+
+    A well-formed request whose values are wrong (unreadable text, steps out of range) is a plain
+    RequestError instead: 422, as /v1 answers it."""
 
 
 class InferTensor(BaseModel):
@@ -63,11 +69,33 @@ class Output:
     value: Tensor
 
 
-def _flatten(data: list[Any]) -> list[Any]:
+def _flatten(data: list[Any], name: str) -> list[Any]:
+    """Row-major elements of nested lists; iterative, so no depth can exhaust the stack."""
     flat: list[Any] = []
-    for item in data:
-        flat.extend(_flatten(item) if isinstance(item, list) else [item])
+    stack = [iter(data)]
+    while stack:
+        item = next(stack[-1], _END)
+        if item is _END:
+            stack.pop()
+        elif isinstance(item, list):
+            if len(stack) >= MAX_DATA_DEPTH:
+                raise CodecError(f"input {name}: data is nested deeper than {MAX_DATA_DEPTH} levels")
+            stack.append(iter(item))
+        else:
+            flat.append(item)
     return flat
+
+
+_END = object()
+
+
+def _utf8(text: str, name: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, from a JSON escape such as "\ud800"
+        raise RequestError(
+            f"input {name} must be valid UTF-8 text; character {exc.start} is not ({text[exc.start]!r})"
+        ) from None
 
 
 def _split_bytes(blob: bytes, name: str) -> list[bytes]:
@@ -105,11 +133,11 @@ def _decode_tensor(t: InferTensor, binary: memoryview, offset: int) -> tuple[Ten
                 raise CodecError(f"input {t.name}: {size} bytes is not {count} x {t.datatype}")
             value = np.frombuffer(blob, dtype=dtype)
     elif t.data is not None:
-        flat = _flatten(t.data)
+        flat = _flatten(t.data, t.name)
         if t.datatype == "BYTES":
             if not all(isinstance(v, str) for v in flat):
                 raise CodecError(f"input {t.name}: BYTES data must be strings")
-            value = [v.encode() for v in flat]
+            value = [_utf8(v, t.name) for v in flat]
         else:
             try:
                 value = np.asarray(flat, dtype=NUMPY_TYPES[t.datatype])
@@ -137,6 +165,8 @@ def decode_request(body: bytes, header_length: str | None) -> Decoded:
         request = InferRequest.model_validate(json.loads(body[:split]))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CodecError(f"malformed JSON inference header: {exc}") from None
+    except RecursionError:  # the same 400 as /v1 gives such a body
+        raise CodecError("malformed JSON inference header: nested too deeply") from None
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "request"

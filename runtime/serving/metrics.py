@@ -21,6 +21,7 @@ from prometheus_client import (
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from runtime.serving.engine import Engine
+from runtime.serving.errors import CLIENT_CLOSED
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -38,7 +39,10 @@ class Metrics:
             "sdrt_http_request_duration_seconds", "HTTP request latency by route", ["route"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.http_in_flight = Gauge("sdrt_http_requests_in_flight", "HTTP requests being handled", registry=r)
+        self.http_in_flight = Gauge(
+            "sdrt_http_requests_in_flight", "HTTP requests being handled (counted once their body arrived)",
+            registry=r,
+        )  # fmt: skip
         queue = Gauge("sdrt_queue_depth", "generation jobs waiting for a worker", registry=r)
         queue.set_function(lambda: engine.queue_depth)
         running = Gauge("sdrt_in_flight", "generation jobs running in workers", registry=r)
@@ -65,7 +69,7 @@ class MetricsMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        status = 500  # if the app raises before answering
+        status: int | None = None
         start = time.perf_counter()
 
         async def send_wrapper(message: Message) -> None:
@@ -74,11 +78,13 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        self.metrics.http_in_flight.inc()
         try:
             await self.app(scope, receive, send_wrapper)
+        except BaseException:
+            status = status or 500  # the app raised before answering
+            raise
         finally:
-            self.metrics.http_in_flight.dec()
+            status = status or CLIENT_CLOSED  # returned without answering: the client left first
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
             method = scope["method"] if scope["method"] in METHODS else "other"

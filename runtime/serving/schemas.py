@@ -11,7 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime.options import COMPOSE_MODES, MODES, GenerateOptions, options_from, parse_size
+from runtime.errors import RequestError
+from runtime.options import COMPOSE_MODES, MODES, GenerateOptions, ResolvedOptions, options_from, parse_size
 from runtime.schedulers import SCHEDULERS
 from runtime.tokenizer import LONG_PROMPT_MODES
 
@@ -48,11 +49,11 @@ class GenerateRequest(BaseModel):
     )
 
     def size_pair(self) -> tuple[int | None, int | None]:
-        """(width, height) from `size` or from `width`/`height`; ValueError when ambiguous."""
+        """(width, height) from `size` or from `width`/`height`; RequestError when ambiguous."""
         if self.size is None:
             return self.width, self.height
         if self.width is not None or self.height is not None:
-            raise ValueError("give size or width/height, not both")
+            raise RequestError("give size or width/height, not both")
         return parse_size(self.size, "size")
 
     def to_options(self) -> GenerateOptions:
@@ -82,11 +83,10 @@ class GenerationParameters(BaseModel):
     long_prompt: str
 
     @classmethod
-    def from_options(cls, o: GenerateOptions) -> GenerationParameters:
-        assert o.width is not None and o.height is not None  # validated options
+    def from_options(cls, o: ResolvedOptions) -> GenerationParameters:
         return cls(
             prompt=o.prompts[0],
-            negative_prompt=o.negative_prompts[0] if o.negative_prompts else "",
+            negative_prompt=o.negative_prompts[0],
             steps=o.steps,
             guidance=o.guidance,
             seed=o.seed,

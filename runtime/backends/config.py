@@ -1,0 +1,73 @@
+"""How to open a backend: one frozen, validated value instead of a keyword bag.
+
+Every front end (CLI, server, Ray, compare tool, benches) builds a `BackendConfig`; `validate()`
+resolves the per-backend defaults and refuses combinations that mean nothing, so a setting is
+never silently dropped: `threads` for TensorRT, `device cuda` for OpenVINO, `bf16` for ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from runtime.errors import RequestError
+
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
+# fp32 / fp16: which of the bundle's files runs. bf16: the fp32 files, computed in bf16 (openvino).
+PRECISIONS = ("fp32", "fp16", "bf16")
+# Per backend: the devices it runs on (first = default) and the precisions (first = default).
+DEVICES = {"onnxruntime": ("cpu", "cuda", "tensorrt"), "openvino": ("cpu",), "tensorrt": ("cuda",)}
+BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp16",)}
+# Settings that mean something to one backend only.
+THREADED = ("onnxruntime", "openvino")  # intra-op CPU threads
+
+
+def bundle_files(precision: str) -> str:
+    """Which of a bundle's file sets a precision runs from (bf16 computes from the fp32 files)."""
+    return "fp32" if precision == "bf16" else precision
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    backend: str = "onnxruntime"
+    device: str | None = None  # None: the backend's own (cpu; tensorrt: cuda)
+    precision: str | None = None  # None: the backend's own (fp32; tensorrt: fp16)
+    threads: int | None = None  # intra-op threads per model (onnxruntime, openvino); None: all cores
+    cache_graphs: bool = True  # keep derived graphs beside the bundle (.ort_cache, .ov_cache)
+    engine_dir: Path | None = None  # tensorrt: where the engines are (default BUNDLE/engines)
+    cuda_graphs: bool = True  # tensorrt: replay CUDA graphs for repeated shapes
+    device_id: int = 0  # tensorrt: which GPU
+
+    def validate(self) -> BackendConfig:
+        """This config with defaults resolved; RequestError naming the setting and its choices."""
+        if self.backend not in BACKENDS:
+            raise RequestError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        devices, precisions = DEVICES[self.backend], BACKEND_PRECISIONS[self.backend]
+        device = devices[0] if self.device is None else self.device
+        precision = precisions[0] if self.precision is None else self.precision
+        if device not in devices:
+            raise RequestError(
+                f"device must be {' or '.join(devices)} for backend {self.backend}; got {device!r}"
+            )
+        if precision not in precisions:
+            hint = "; bf16 needs backend openvino" if precision == "bf16" else ""
+            raise RequestError(
+                f"precision must be {' or '.join(precisions)} for backend {self.backend}; "
+                f"got {precision!r}{hint}"
+            )
+        if self.threads is not None:
+            if self.backend not in THREADED:
+                raise RequestError(f"threads applies to {' and '.join(THREADED)} only, not {self.backend}")
+            if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1:
+                raise RequestError(
+                    f"threads must be an integer >= 1 (or unset: all cores); got {self.threads!r}"
+                )
+        if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
+            raise RequestError(f"device_id must be an integer >= 0; got {self.device_id!r}")
+        return replace(self, device=device, precision=precision)
+
+    @property
+    def files(self) -> str:
+        """The bundle file set this config runs (validated configs only)."""
+        assert self.precision is not None, "validate() first"
+        return bundle_files(self.precision)
