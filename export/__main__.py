@@ -1,7 +1,7 @@
 """`python -m export`: write (or reuse) an sdrt bundle directory.
 
 python -m export --model tiny|sd15|PATH [--seed N] [--projection DIR]
-                 [--deprojector CKPT|none] --out DIR [--precision fp32|fp16|both] [--force]
+                 [--deprojector CKPT|none] --out DIR [--precision fp32|fp16|both] [--deepcache] [--force]
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="bundle directory to write")
     p.add_argument("--precision", choices=sorted(PRECISION_CHOICES), default="both")
+    p.add_argument(
+        "--deepcache",
+        action="store_true",
+        help="also write the step-caching UNets (`--cache-interval` at run time; one more UNet of files)",
+    )
     p.add_argument("--force", action="store_true", help="re-export even if the bundle is up to date")
     return p
 
@@ -68,6 +73,7 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Expor
         deprojector=args.deprojector,
         precision=args.precision,
         force=args.force,
+        deepcache=args.deepcache,
     )
 
 

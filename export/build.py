@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import CLIPTokenizer
 
-from export import fp16, fusion, graph, onnx_io
+from export import deepcache, fp16, fusion, graph, onnx_io
 from export.bundle import (
     DEPROJECTOR_DIR,
     TOKENIZER_DIR,
@@ -58,9 +58,13 @@ from runtime.manifest import (
 )
 from runtime.specs import (
     CONTEXT_LENGTH,
+    DEEPCACHE_FULL,
+    DEEPCACHE_SHALLOW,
     LATENT_CHANNELS,
     ModelSpec,
     clip_spec,
+    deepcache_full_spec,
+    deepcache_shallow_spec,
     deprojector_spec,
     unet_spec,
     vae_decoder_spec,
@@ -75,6 +79,7 @@ DEFAULT_VARIANT = "v1"
 BATCH = {"min": 1, "opt": 2, "max": 8}  # opt 2: one prompt with classifier-free guidance
 TOKENS = {"min": CONTEXT_LENGTH, "opt": CONTEXT_LENGTH, "max": 3 * CONTEXT_LENGTH}
 LATENT_MIN, LATENT_MAX = 8, 128  # 64..1024 px at scale factor 8
+DEEPCACHE_MODELS = (DEEPCACHE_FULL, DEEPCACHE_SHALLOW)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,8 @@ class ExportOptions:
     deprojector: str | None = None  # None: initialise from CLIP; "none": omit; else a checkpoint dir
     precision: str = "both"
     force: bool = False  # rebuild even if the bundle could be reused
+    # Step-caching graphs (export/deepcache.py): a second full UNet, so opt-in (+1 UNet of files).
+    deepcache: bool = False
 
 
 @dataclass
@@ -148,6 +155,9 @@ def model_spec(name: str, components: SDComponents) -> ModelSpec:
         return deprojector_spec(hidden)
     if name == "unet":
         return unet_spec(hidden)
+    if name in DEEPCACHE_MODELS:
+        channels = deepcache.feature_channels(components.unet)
+        return (deepcache_full_spec if name == DEEPCACHE_FULL else deepcache_shallow_spec)(hidden, channels)
     return vae_decoder_spec()
 
 
@@ -165,6 +175,10 @@ def torch_module(name: str, components: SDComponents, deprojector: nn.Module | N
         return UNetWrapper(components.unet).eval()
     if name == "vae_decoder":
         return VaeDecoderWrapper(components.vae).eval()
+    if name == DEEPCACHE_FULL:
+        return deepcache.FullWrapper(components.unet).eval()
+    if name == DEEPCACHE_SHALLOW:
+        return deepcache.ShallowWrapper(components.unet).eval()
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -174,7 +188,7 @@ def dim_ranges(name: str, sample_size: int) -> dict[str, dict[str, int]]:
         return {"batch": BATCH, "tokens": TOKENS}
     if name == "deprojector":
         return {"batch": BATCH}
-    if name == "unet":
+    if name == "unet" or name in DEEPCACHE_MODELS:
         return {"batch": BATCH, "height": latent, "width": latent, "tokens": TOKENS}
     return {"batch": {**BATCH, "opt": 1}, "height": latent, "width": latent}  # one image per decode
 
@@ -198,6 +212,7 @@ def fingerprint(opts: ExportOptions) -> dict[str, Any]:
         "projection": _path_signature(opts.projection),
         "deprojector": INIT_FROM_CLIP if deprojector is None else deprojector,
         "precision": opts.precision,
+        "deepcache": opts.deepcache,
         "packages": package_versions(),
         "exporter": exporter_digest(),
     }
@@ -283,7 +298,8 @@ def _trace_all(
             module = torch_module(name, components, deprojector)
             spec = model_spec(name, components)
             raw = staging / "raw" / name / f"{name}.onnx"
-            export_onnx(module, example_inputs(name, components.hidden_size), spec, raw)
+            channels = deepcache.feature_channels(components.unet) if name in DEEPCACHE_MODELS else 0
+            export_onnx(module, example_inputs(name, components.hidden_size, channels), spec, raw)
             del module, deprojector
     return deprojector_entry
 
@@ -323,7 +339,12 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
             return ExportResult(opts.out, True, reason, reused, seconds=time.perf_counter() - start)
         log.info("exporting bundle %s: %s", opts.out, reason)
     precisions = PRECISION_CHOICES[opts.precision]
-    models = [n for n in MODEL_NAMES if n != "deprojector" or opts.deprojector != "none"]
+    models = [
+        n
+        for n in MODEL_NAMES
+        if (n != "deprojector" or opts.deprojector != "none")
+        and (opts.deepcache or n not in DEEPCACHE_MODELS)
+    ]
     # trace, clean, writes, fp16 conversion, ORT fusion of fp32
     stages_per_model = 2 + len(precisions) + ("fp16" in precisions) + ("fp32" in precisions)
     progress = Progress(total=3 + len(models) * stages_per_model)
@@ -366,6 +387,7 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
                     export={
                         "fingerprint": fp,
                         "precisions": list(precisions),
+                        **({"deepcache": {"branch": deepcache.BRANCH}} if opts.deepcache else {}),
                         "stages": progress.as_json(),
                         "seconds": round(time.perf_counter() - start, 2),
                         "peak_rss_bytes": progress.peak_rss_bytes,

@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor, nn
 from transformers import CLIPTextModel
 
-from runtime.specs import CONTEXT_LENGTH, LATENT_CHANNELS, ModelSpec
+from runtime.specs import CONTEXT_LENGTH, DEEPCACHE_FULL, DEEPCACHE_SHALLOW, LATENT_CHANNELS, ModelSpec
 
 OPSET = 18
 BOS_ID, EOS_ID = 49406, 49407
@@ -88,16 +88,20 @@ def example_ids(batch: int, tokens: int, seed: int = 0) -> Tensor:
     return ids
 
 
-def example_inputs(name: str, hidden: int) -> tuple[Tensor, ...]:
-    """Trace inputs for model `name`: batch 2, two prompt chunks, a non-square 16x24 latent."""
+def example_inputs(name: str, hidden: int, feature_channels: int = 0) -> tuple[Tensor, ...]:
+    """Trace inputs for model `name`: batch 2, two prompt chunks, a non-square 16x24 latent
+    (`feature_channels`: the cached feature's, for the step-caching shallow UNet)."""
     gen = torch.Generator().manual_seed(0)
     if name == "clip":
         return (example_ids(2, 2 * CONTEXT_LENGTH),)
     if name == "deprojector":
         return (torch.randn(2, hidden, generator=gen),)
     latent = torch.randn(2, LATENT_CHANNELS, 16, 24, generator=gen)
-    if name == "unet":
-        return latent, torch.tensor([999.0]), torch.randn(2, 2 * CONTEXT_LENGTH, hidden, generator=gen)
+    unet = latent, torch.tensor([999.0]), torch.randn(2, 2 * CONTEXT_LENGTH, hidden, generator=gen)
+    if name in ("unet", DEEPCACHE_FULL):
+        return unet
+    if name == DEEPCACHE_SHALLOW:
+        return (*unet, torch.randn(2, feature_channels, 16, 24, generator=gen))
     if name == "vae_decoder":
         return (latent,)
     raise ValueError(f"unknown model {name!r}")

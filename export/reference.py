@@ -25,6 +25,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
+from export.deepcache import cached_unet
 from export.models import SDComponents
 from runtime.compose import compose, parse_prompt
 
@@ -115,8 +116,14 @@ class ReferencePipeline:
         normalize: bool = False,
         latents: torch.Tensor | None = None,
         output_type: str = "np",
+        cache_interval: int = 1,
     ) -> Any:
-        """Images as float (N, H, W, 3) in [0, 1] (output_type="np") or PIL images ("pil")."""
+        """Images as float (N, H, W, 3) in [0, 1] (output_type="np") or PIL images ("pil").
+
+        `cache_interval` N > 1: step caching (export/deepcache.py), the whole UNet on calls
+        0, N, 2N, ... and only its shallow part in between; 1 is diffusers' plain loop."""
+        if not isinstance(cache_interval, int) or cache_interval < 1:
+            raise ValueError(f"cache_interval must be an integer >= 1; got {cache_interval!r}")
         c = self.components
         pipe = StableDiffusionPipeline(
             vae=c.vae,
@@ -129,17 +136,18 @@ class ReferencePipeline:
             requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
-        result = pipe(
-            prompt_embeds=self.prompt_states(prompt, mode, compose_mode, normalize),
-            negative_prompt_embeds=self.encode([negative_prompt]).last_hidden_state,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=height,
-            width=width,
-            generator=torch.Generator().manual_seed(seed),
-            latents=latents,
-            output_type=output_type,
-        )
+        with cached_unet(c.unet, cache_interval):
+            result = pipe(
+                prompt_embeds=self.prompt_states(prompt, mode, compose_mode, normalize),
+                negative_prompt_embeds=self.encode([negative_prompt]).last_hidden_state,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=height,
+                width=width,
+                generator=torch.Generator().manual_seed(seed),
+                latents=latents,
+                output_type=output_type,
+            )
         return result.images
 
 

@@ -1,4 +1,9 @@
-"""The UNet loop, as a generator of per-step latents; callers own progress, timing and cancel."""
+"""The UNet loop, as a generator of per-step latents; callers own progress, timing and cancel.
+
+Step caching (`cache_interval` N > 1, export/deepcache.py): UNet call i runs the full graph,
+which also returns the deep feature, when i % N == 0, and the shallow graph fed the last
+full call's feature otherwise. N = 1 runs the plain `unet` graph on every call.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,12 @@ import numpy as np
 from runtime.backends.base import Backend
 from runtime.guidance import combine, unet_batch
 from runtime.schedulers.base import Scheduler
+from runtime.specs import DEEP_FEATURE, DEEPCACHE_FULL, DEEPCACHE_SHALLOW
+
+
+def unet_models(cache_interval: int) -> list[str]:
+    """The bundle models the loop runs."""
+    return ["unet"] if cache_interval == 1 else [DEEPCACHE_FULL, DEEPCACHE_SHALLOW]
 
 
 def denoise(
@@ -19,8 +30,10 @@ def denoise(
     states: np.ndarray,  # (2N or N, 77·k, D): [uncond; cond] when guiding
     guidance: float,
     noise: Callable[[], np.ndarray] | None = None,  # fresh (N, 4, h, w) noise for ancestral steps
+    cache_interval: int = 1,
 ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Yield (step index, timestep, latents after that step)."""
+    feature: np.ndarray | None = None  # the deep feature of the last full call
     for i, t in enumerate(timesteps):
         model_input = scheduler.scale_model_input(unet_batch(latents, guidance), i)
         feeds = {
@@ -28,6 +41,14 @@ def denoise(
             "timestep": np.array([t], dtype=np.float32),
             "encoder_hidden_states": states,
         }
-        noise_pred = combine(backend.run("unet", feeds)["noise_pred"], guidance)
+        if cache_interval == 1:
+            prediction = backend.run("unet", feeds)["noise_pred"]
+        elif i % cache_interval == 0:
+            outputs = backend.run(DEEPCACHE_FULL, feeds)
+            prediction, feature = outputs["noise_pred"], outputs[DEEP_FEATURE]
+        else:
+            assert feature is not None, "call 0 is always a full one"
+            prediction = backend.run(DEEPCACHE_SHALLOW, {**feeds, DEEP_FEATURE: feature})["noise_pred"]
+        noise_pred = combine(prediction, guidance)
         latents = scheduler.step(noise_pred, i, latents, noise=noise() if noise else None)
         yield i, float(t), latents

@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument(
+        "--static-shapes",
+        action="store_true",
+        help="compile each model for the request's exact shapes, cached (openvino, onnxruntime on cpu)",
+    )
+    p.add_argument(
         "--verify",
         choices=VERIFY_MODES,
         default="stamp",
@@ -81,6 +86,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--long-prompt", choices=LONG_PROMPT_MODES, default="truncate")
     p.add_argument(
+        "--cache-interval",
+        type=int,
+        default=1,
+        help="step caching: the whole UNet every N-th step, its shallow part in between "
+        "(faster, approximate; needs a bundle exported with --deepcache); 1 = off (default)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("out/image.png"),
@@ -113,13 +125,16 @@ def _options(args: argparse.Namespace) -> GenerateOptions:
         normalize=args.normalize,
         num_images=args.num_images,
         long_prompt=args.long_prompt,
+        cache_interval=args.cache_interval,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    config = BackendConfig(args.backend, args.device, args.precision, args.threads)
+    config = BackendConfig(
+        args.backend, args.device, args.precision, args.threads, static_shapes=args.static_shapes
+    )
     try:
         start = time.perf_counter()
         request = _options(args)

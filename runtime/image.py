@@ -47,6 +47,8 @@ def infotext(result: Result, index: int, backend: str, precision: str, model: st
     }
     if o.mode == "compose":
         settings.update({"Compose": o.compose_mode, "Normalize": o.normalize})
+    if o.cache_interval > 1:  # only when on: exact images keep their text unchanged
+        settings["Cache interval"] = o.cache_interval
     return parameters_text(o.prompts[prompt_index], o.negative_prompts[prompt_index], settings)
 
 

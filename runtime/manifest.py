@@ -14,7 +14,8 @@
       "deprojector": null | {"variant": "v3", "checkpoint": "...", "input": "pooled",
                              "dir": "deprojector_checkpoint", "files": {...}},
       "models": {
-        "clip" | "deprojector" | "unet" | "vae_decoder": {
+        "clip" | "deprojector" | "unet" | "vae_decoder"
+        | "unet_deepcache_full" | "unet_deepcache_shallow": {      # the last two: export --deepcache
           "inputs":  [{"name": "sample", "dtype": "float32", "shape": ["batch", 4, "height", "width"]}],
           "outputs": [...],
           "dims": {"batch": {"min": 1, "opt": 2, "max": 8}, ...},
@@ -35,7 +36,8 @@ contrib-op fusions (export/fusion.py) sharing the standard file's weights; ONNX 
 CUDA prefers them, TensorRT and OpenVINO read `files`.
 
 Format 2 (this one) added the typed schema, full validation at open, and hashes of the tokenizer
-files; a format-1 bundle is refused with the re-export command.
+files; a format-1 bundle is refused with the re-export command. The step-caching graphs
+(`unet_deepcache_*`) are optional models added within format 2: older bundles still open.
 """
 
 from __future__ import annotations
@@ -46,12 +48,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from runtime.errors import SetupError
-from runtime.specs import ModelSpec, TensorSpec
+from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, ModelSpec, TensorSpec
 
 FORMAT = "sdrt-bundle"
 FORMAT_VERSION = 2
-MODEL_NAMES = ("clip", "deprojector", "unet", "vae_decoder")
+MODEL_NAMES = ("clip", "deprojector", "unet", "vae_decoder", DEEPCACHE_FULL, DEEPCACHE_SHALLOW)
 REQUIRED_MODELS = ("clip", "unet", "vae_decoder")
+OPTIONAL_MODELS = tuple(name for name in MODEL_NAMES if name not in REQUIRED_MODELS)
 FILE_SETS = ("fp32", "fp16")
 REEXPORT = "re-export it with `python -m export --model MODEL --out BUNDLE`"
 
@@ -330,7 +333,7 @@ class Manifest:
         if unknown or missing:
             raise ManifestError(
                 f"manifest.json: models must hold {', '.join(REQUIRED_MODELS)} (and optionally "
-                f"deprojector); unknown {unknown or 'none'}, missing {missing or 'none'}"
+                f"{', '.join(OPTIONAL_MODELS)}); unknown {unknown or 'none'}, missing {missing or 'none'}"
             )
         deprojector = f.get("deprojector", dict, optional=True)
         return cls(

@@ -13,6 +13,7 @@ from runtime.bundle import Bundle
 from runtime.compose import parse_prompt
 from runtime.errors import RequestError
 from runtime.schedulers import SCHEDULERS, make_scheduler
+from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
 from runtime.tokenizer import LONG_PROMPT_MODES
 
 MODES = ("standard", "deproject", "compose")
@@ -20,6 +21,7 @@ COMPOSE_MODES = ("sum", "diff_only")
 DEFAULT_SEED = 0
 MAX_STEPS = 1000
 MAX_IMAGES = 64
+MAX_CACHE_INTERVAL = 1000  # = MAX_STEPS: a larger interval is the same as this one
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class GenerateOptions:
     num_images: int = 1  # per prompt
     long_prompt: str = "truncate"
     latents: np.ndarray | None = field(default=None, compare=False)  # (N, 4, h, w) initial noise
+    # Step caching: the whole UNet every N-th step, its shallow part in between; 1 = off (exact).
+    cache_interval: int = 1
 
     @property
     def total_images(self) -> int:
@@ -64,6 +68,7 @@ class ResolvedOptions:
     num_images: int
     long_prompt: str
     latents: np.ndarray | None = field(default=None, compare=False)
+    cache_interval: int = 1
 
     @property
     def total_images(self) -> int:
@@ -209,6 +214,17 @@ def validate(options: GenerateOptions | ResolvedOptions, bundle: Bundle) -> Reso
             raise RequestError(
                 f"{name} must be a multiple of {multiple} from {low} to {high}; got {value!r:.40}"
             )
+    if not _is_int(o.cache_interval) or not 1 <= o.cache_interval <= MAX_CACHE_INTERVAL:
+        raise RequestError(
+            f"cache_interval must be an integer from 1 (off) to {MAX_CACHE_INTERVAL}; "
+            f"got {o.cache_interval!r:.40}"
+        )
+    if o.cache_interval > 1 and not all(m in bundle.models for m in (DEEPCACHE_FULL, DEEPCACHE_SHALLOW)):
+        raise RequestError(
+            f"cache_interval {o.cache_interval} needs a bundle with the step-caching UNets; "
+            f"{bundle.root} has none: re-export it with `python -m export ... --deepcache`, "
+            "or use cache_interval 1"
+        )
     if o.latents is not None:
         expected = (o.total_images, bundle.latent_channels, height // factor, width // factor)
         if not isinstance(o.latents, np.ndarray) or o.latents.shape != expected \
@@ -218,5 +234,5 @@ def validate(options: GenerateOptions | ResolvedOptions, bundle: Bundle) -> Reso
         prompts=tuple(o.prompts), negative_prompts=negatives, steps=o.steps, guidance=float(o.guidance),
         seed=o.seed, height=height, width=width, scheduler=o.scheduler, mode=o.mode,
         compose_mode=o.compose_mode, normalize=o.normalize, num_images=o.num_images,
-        long_prompt=o.long_prompt, latents=o.latents,
+        long_prompt=o.long_prompt, latents=o.latents, cache_interval=o.cache_interval,
     )  # fmt: skip

@@ -13,7 +13,7 @@ import numpy as np
 from runtime.backends import Backend, BackendConfig, open_backend
 from runtime.bundle import Bundle
 from runtime.conditioning import prompt_states
-from runtime.denoise import denoise
+from runtime.denoise import denoise, unet_models
 from runtime.guidance import uses_uncond
 from runtime.options import GenerateOptions, ResolvedOptions, validate
 from runtime.schedulers import make_scheduler
@@ -55,7 +55,7 @@ class Pipeline:
     def models_for(options: GenerateOptions | ResolvedOptions) -> list[str]:
         """The bundle models a generation runs, in the order it first needs them."""
         text = ["clip"] if options.mode == "standard" else ["clip", "deprojector"]
-        return [*text, "unet", "vae_decoder"]
+        return [*text, *unet_models(options.cache_interval), "vae_decoder"]
 
     def generate(
         self,
@@ -111,7 +111,14 @@ class Pipeline:
 
         x = latents * np.float32(scheduler.init_noise_sigma)
         steps = denoise(
-            self.backend, scheduler, timesteps, x, states, o.guidance, noise if scheduler.stochastic else None
+            self.backend,
+            scheduler,
+            timesteps,
+            x,
+            states,
+            o.guidance,
+            noise if scheduler.stochastic else None,
+            o.cache_interval,
         )
         for i, t, x in steps:
             if on_step is not None:

@@ -47,6 +47,8 @@ def add_server_flags(p: argparse.ArgumentParser, exclude: Collection[str] = ()) 
     add(p, "--device", "onnxruntime device: cpu (default), cuda or tensorrt")
     add(p, "--precision", "default: the backend's own", choices=PRECISIONS)
     add(p, "--threads", "intra-op threads per session (default: cores / workers)", type=positive_int)
+    add(p, "--static-shapes", "compile per request shape, cached (openvino, onnxruntime cpu)",
+        action="store_true")  # fmt: skip
     add(p, "--workers", f"generations run concurrently (default {e.workers})", type=int)
     add(p, "--max-queue", f"waiting requests; more get 429 (default {e.max_queue})", type=int)
     add(p, "--max-batch", f"same-shape requests merged per call (default {e.max_batch}: off)", type=int)

@@ -1,4 +1,4 @@
-"""I/O contracts of the four bundle models, declared once.
+"""I/O contracts of the bundle models, declared once.
 
 ONNX export, TensorRT profiles and backend input checks all read these, so a name or dtype
 can only change in one place. Symbolic dims are strings; `TOKENS` is 77·k for long prompts.
@@ -72,6 +72,28 @@ def unet_spec(hidden: int) -> ModelSpec:
         ),
         (TensorSpec("noise_pred", "float32", ("batch", LATENT_CHANNELS, "height", "width")),),
     )
+
+
+DEEPCACHE_FULL = "unet_deepcache_full"
+DEEPCACHE_SHALLOW = "unet_deepcache_shallow"
+DEEP_FEATURE = "deep_feature"
+
+
+def _deep_feature(channels: int) -> TensorSpec:
+    return TensorSpec(DEEP_FEATURE, "float32", ("batch", channels, "height", "width"))
+
+
+def deepcache_full_spec(hidden: int, channels: int) -> ModelSpec:
+    """The UNet that also returns the feature step caching reuses (export/deepcache.py): the
+    hidden state entering the cached skip branch of the last up block, at latent resolution."""
+    unet = unet_spec(hidden)
+    return ModelSpec(DEEPCACHE_FULL, unet.inputs, (*unet.outputs, _deep_feature(channels)))
+
+
+def deepcache_shallow_spec(hidden: int, channels: int) -> ModelSpec:
+    """The shallow part of the UNet only, taking the deep feature of the last full step."""
+    unet = unet_spec(hidden)
+    return ModelSpec(DEEPCACHE_SHALLOW, (*unet.inputs, _deep_feature(channels)), unet.outputs)
 
 
 def vae_decoder_spec() -> ModelSpec:

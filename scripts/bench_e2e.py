@@ -1,16 +1,24 @@
-"""End-to-end latency: the runtime (ONNX Runtime fp32, OpenVINO fp32 and bf16) vs diffusers
-(fp32, bf16) and optionally Optimum, on the same weights and workload.
+"""End-to-end latency: the runtime (ONNX Runtime fp32, OpenVINO fp32 and bf16, each with dynamic or
+static shapes) vs diffusers (fp32, bf16) and the peers of scripts/bench_peers.py (Optimum ORT,
+optimum-intel OpenVINO, openvino-genai), on the same weights and workload.
 
 Each engine runs in its own process, one after another, so peak RSS and time to first image are
-its own. Prints a table, the issue's targets as met / missed, and writes JSON. The runtime
-workers also measure their own overhead: the wall time of each denoising step outside the UNet
-backend call, as a share of the step.
+its own; a worker that outlives --timeout is killed and reported. Prints the CPU (model, flags), a
+table, the issue's targets as met / missed, and writes JSON. The runtime workers also measure their
+own overhead: the wall time of each denoising step outside the UNet backend call, as a share of
+the step, and with static shapes the compile of each new shape.
 
     python scripts/bench_e2e.py --bundle bundles/sd15 --size 256x256 --steps 10 --repeats 3
 
-Optimum's ORTStableDiffusionPipeline pins transformers<4.58, so it can only run from its own
-virtualenv: `bash scripts/setup_optimum.sh BUNDLE` makes it and the exported folder of the same
-weights, then pass --optimum-python .venv-optimum/bin/python --optimum-model BUNDLE-optimum.
+The peers pin versions that cannot share .venv, so each runs from its own virtualenv, made with
+the exported folder of the same weights by a setup script:
+- `bash scripts/setup_optimum.sh BUNDLE`: --optimum-python .venv-optimum/bin/python
+  --optimum-model BUNDLE-optimum
+- `bash scripts/setup_openvino_peers.sh BUNDLE`: --ov-python .venv-ovpeers/bin/python
+  --ov-model BUNDLE-openvino
+A peer whose flags are not given is skipped with the reason, as are bf16 engines on a CPU without
+bf16 instructions (diffusers bf16 is then emulated and takes tens of minutes; --force-bf16 runs
+them anyway).
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
+import platform
 import statistics
 import subprocess
 import sys
@@ -27,16 +35,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_peers import PEERS, timed_runs
 
 from runtime.cli import size_argument
 
-# runtime engines: (backend, precision) of `python -m runtime.generate --backend --precision`
+# runtime engines: (backend, precision, static shapes) of the runtime's BackendConfig
 RUNTIME_ENGINES = {
-    "runtime": ("onnxruntime", "fp32"),
-    "runtime_openvino": ("openvino", "fp32"),
-    "runtime_openvino_bf16": ("openvino", "bf16"),
+    "runtime": ("onnxruntime", "fp32", False),
+    "runtime_static": ("onnxruntime", "fp32", True),
+    "runtime_openvino": ("openvino", "fp32", False),
+    "runtime_openvino_static": ("openvino", "fp32", True),
+    "runtime_openvino_bf16": ("openvino", "bf16", False),
+    "runtime_openvino_bf16_static": ("openvino", "bf16", True),
 }
-ENGINES = (*RUNTIME_ENGINES, "diffusers_fp32", "diffusers_bf16")
+ENGINES = (*RUNTIME_ENGINES, "diffusers_fp32", "diffusers_bf16", *PEERS)
+OV_PEERS = tuple(p for p in PEERS if p != "optimum")  # run from --ov-python on --ov-model
+INT8_PEERS = tuple(p for p in PEERS if "int8" in p)  # on --ov-int8-model
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # either gives native bf16 compute
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", *BF16_FLAGS, "amx_tile", "amx_int8")
 # The issue's targets, for the engine named by --ours (same run, same machine).
 # speedup_vs_diffusers_fp32: the issue's "i.e. >= 1.7x", derived from its own machine's figures.
 TARGETS = {
@@ -48,35 +64,41 @@ TARGETS = {
 }
 
 
-def _peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """The CPU model and which of the flags that decide the fast paths it has (Linux)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"model": model, "cores": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS}}
 
 
-def _summary(latencies: list[float]) -> dict[str, float]:
-    ordered = sorted(latencies)
-    return {"median_s": statistics.median(ordered), "p95_s": float(np.percentile(ordered, 95))}
+def _skip_reason(engine: str, args: argparse.Namespace, cpu: dict[str, Any]) -> str | None:
+    """Why an engine is not run here (None: it runs)."""
+    if "bf16" in engine and not args.force_bf16 and not any(cpu["flags"][f] for f in BF16_FLAGS):
+        return (
+            "this CPU has no bf16 instructions (avx512_bf16 / amx_bf16): bf16 would be emulated, "
+            "slower than fp32 (--force-bf16 runs it)"
+        )
+    if engine == "optimum" and not args.optimum_python:
+        return "needs --optimum-python and --optimum-model (bash scripts/setup_optimum.sh BUNDLE)"
+    if engine in OV_PEERS and not args.ov_python:
+        return "needs --ov-python and --ov-model (bash scripts/setup_openvino_peers.sh BUNDLE)"
+    if engine in INT8_PEERS and not args.ov_int8_model:
+        return "needs --ov-int8-model (SDRT_OV_INT8=1 bash scripts/setup_openvino_peers.sh BUNDLE)"
+    return None
 
 
-def _timed_runs(first: Any, repeats: int, run: Any) -> dict[str, Any]:
-    """first() -> seconds from process start to the first image; then `repeats` timed run() calls."""
-    ttfi = first()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    latencies = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        latencies.append(time.perf_counter() - start)
-    cpu_ratio = (time.process_time() - cpu0) / (time.perf_counter() - wall0)
-    return {
-        **_summary(latencies),
-        "latencies_s": latencies,
-        "time_to_first_image_s": ttfi,
-        "cpu_per_wall": cpu_ratio,
-        "peak_rss_gib": _peak_rss_gib(),
-    }
-
-
-def worker_runtime(args: argparse.Namespace, t0: float, backend_name: str, precision: str) -> dict[str, Any]:
+def worker_runtime(
+    args: argparse.Namespace, t0: float, backend_name: str, precision: str, static: bool
+) -> dict[str, Any]:
     from runtime.backends import BackendConfig, open_backend
     from runtime.bundle import Bundle
     from runtime.options import GenerateOptions
@@ -88,11 +110,14 @@ def worker_runtime(args: argparse.Namespace, t0: float, backend_name: str, preci
         def __init__(self, inner: Any):
             self.inner, self.device, self.precision = inner, inner.device, inner.precision
             self.seconds: dict[str, float] = {}
+            self.calls: dict[str, list[float]] = {}  # per model: each call's seconds
 
         def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             start = time.perf_counter()
             out = self.inner.run(model, feeds)
-            self.seconds[model] = self.seconds.get(model, 0.0) + time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.seconds[model] = self.seconds.get(model, 0.0) + seconds
+            self.calls.setdefault(model, []).append(seconds)
             return out
 
         def prepare(self, models: Any) -> None:
@@ -102,9 +127,8 @@ def worker_runtime(args: argparse.Namespace, t0: float, backend_name: str, preci
             self.inner.close()
 
     bundle = Bundle.open(args.bundle)
-    backend = TimedBackend(
-        open_backend(bundle, BackendConfig(backend_name, precision=precision, threads=args.threads))
-    )
+    config = BackendConfig(backend_name, precision=precision, threads=args.threads, static_shapes=static)
+    backend = TimedBackend(open_backend(bundle, config))
     pipe = Pipeline(bundle, backend)
     width, height = args.size
     options = GenerateOptions(
@@ -135,10 +159,18 @@ def worker_runtime(args: argparse.Namespace, t0: float, backend_name: str, preci
 
     def first() -> float:
         run()
+        backend.calls.clear()  # per-call times from the timed runs only (no load, no compile)
         return time.perf_counter() - t0
 
-    result = _timed_runs(first, args.repeats, run)
+    result = timed_runs(first, args.repeats, run)
     result["step_overhead_share"] = {"median": statistics.median(overheads), "max": max(overheads)}
+    result["call_median_s"] = {model: statistics.median(c) for model, c in backend.calls.items()}
+    shape_cache = getattr(backend.inner, "static", None)
+    if shape_cache is not None:  # each new shape's compile, paid once by the first image
+        result["static_compiles"] = [
+            {"model": c.model, "shapes": c.shapes, "seconds": c.seconds, "failed": c.failed}
+            for c in shape_cache.compiles
+        ]
     np.save(_image_path(args.json, args.worker), images[-1])  # same seed in every runtime engine
     return result
 
@@ -201,30 +233,26 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
         run()
         return time.perf_counter() - t0
 
-    return _timed_runs(first, args.repeats, run)
+    return timed_runs(first, args.repeats, run)
 
 
-OPTIMUM_WORKER = """
-import json, resource, statistics, sys, time
-import numpy as np
-t0 = time.perf_counter()
-from optimum.onnxruntime import ORTStableDiffusionPipeline
-from diffusers import DDIMScheduler
-a = json.loads(sys.argv[1])
-pipe = ORTStableDiffusionPipeline.from_pretrained(a["model"])
-pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-run = lambda: pipe(a["prompt"], num_inference_steps=a["steps"], guidance_scale=a["guidance"],
-                   height=a["height"], width=a["width"], output_type="np")
-run(); ttfi = time.perf_counter() - t0
-lat = []
-cpu0, wall0 = time.process_time(), time.perf_counter()
-for _ in range(a["repeats"]):
-    s = time.perf_counter(); run(); lat.append(time.perf_counter() - s)
-print(json.dumps({"median_s": statistics.median(lat), "p95_s": float(np.percentile(lat, 95)),
-                  "latencies_s": lat, "time_to_first_image_s": ttfi,
-                  "cpu_per_wall": (time.process_time() - cpu0) / (time.perf_counter() - wall0),
-                  "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
-"""
+def _peer_command(engine: str, args: argparse.Namespace) -> list[str]:
+    python, model = (
+        (args.optimum_python, args.optimum_model) if engine == "optimum" else (args.ov_python, args.ov_model)
+    )
+    if engine in INT8_PEERS:
+        model = args.ov_int8_model
+    payload = {
+        "model": str(model),
+        "prompt": args.prompt,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "width": args.size[0],
+        "height": args.size[1],
+        "repeats": args.repeats,
+        "threads": args.threads,
+    }
+    return [str(python), str(Path(__file__).with_name("bench_peers.py")), engine, json.dumps(payload)]
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:
@@ -240,11 +268,22 @@ def _without_option(argv: list[str], option: str) -> list[str]:
     return out
 
 
-def _spawn(cmd: list[str]) -> dict[str, Any]:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _spawn(cmd: list[str], timeout: float) -> dict[str, Any]:
+    """One worker's JSON line; {"error": ...} with its last stderr line, or the timeout it hit."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no result within --timeout {timeout:g} s: killed"}
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _write_report(path: Path, report: dict[str, Any]) -> None:
+    """Atomically; also after each engine ("partial": true), so a stopped run keeps what it measured."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=2))
+    os.replace(tmp, path)
 
 
 def _fastest_runtime(results: dict[str, Any]) -> str | None:
@@ -257,8 +296,8 @@ def _print_table(results: dict[str, Any], ours: str | None) -> None:
     columns = ("median s", "p95 s", "first img s", "peak GiB", "cpu/wall", f"vs {ours or '-'}")
     print(f"{'engine':22} " + " ".join(f"{c:>11}" for c in columns))
     for name, r in results.items():
-        if "error" in r:
-            print(f"{name:22} error: {r['error']}")
+        if "error" in r or "skipped" in r:
+            print(f"{name:22} " + (f"error: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"))
             continue
         ratio = f"{r['median_s'] / base:10.2f}x" if base else f"{'-':>11}"
         cpu = f"{r['cpu_per_wall']:11.2f}" if r.get("cpu_per_wall") is not None else f"{'-':>11}"
@@ -271,6 +310,12 @@ def _print_table(results: dict[str, Any], ours: str | None) -> None:
             share = r["step_overhead_share"]
             print(f"{name}: overhead outside the UNet call: median {share['median']:.3%}, "
                   f"max {share['max']:.3%} of a step")  # fmt: skip
+        if "call_median_s" in r:
+            calls = ", ".join(f"{m} {t:.3f} s" for m, t in r["call_median_s"].items())
+            print(f"{name}: median per call: {calls}")
+        for c in r.get("static_compiles", []):
+            state = "FAILED, ran dynamic" if c["failed"] else "compiled"
+            print(f"{name}: static {c['model']} {state} for its shape in {c['seconds']:.2f} s (first image)")
 
 
 def _targets(results: dict[str, Any], ours: str) -> dict[str, dict[str, Any]]:
@@ -306,8 +351,13 @@ def main() -> int:
                    "(default: the fastest runtime engine of this run)")  # fmt: skip
     p.add_argument("--optimum-python", type=Path, help="python of a venv with optimum[onnxruntime]")
     p.add_argument("--optimum-model", type=Path, help="optimum-exported ONNX SD folder of the same weights")
+    p.add_argument("--ov-python", type=Path, help="python of a venv with optimum-intel and openvino-genai")
+    p.add_argument("--ov-model", type=Path, help="optimum-intel-exported OpenVINO folder of the same weights")
+    p.add_argument("--ov-int8-model", type=Path, help="the same folder, hybrid int8 (ov_hybrid_int8.py)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per engine before it is killed")
+    p.add_argument("--force-bf16", action="store_true", help="run bf16 engines on a CPU without bf16")
     p.add_argument("--json", type=Path, default=Path("out/bench_e2e.json"))
-    p.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=[e for e in ENGINES if e not in PEERS], help=argparse.SUPPRESS)
     args = p.parse_args()
 
     if args.worker:
@@ -328,29 +378,43 @@ def main() -> int:
         p.error(f"--bundle {args.bundle} has no manifest.json (create it with python -m export)")
     if bool(args.optimum_python) != bool(args.optimum_model):
         p.error("--optimum-python and --optimum-model go together")
+    if bool(args.ov_python) != bool(args.ov_model):
+        p.error("--ov-python and --ov-model go together")
+    if args.timeout <= 0:
+        p.error(f"--timeout must be > 0 seconds; got {args.timeout:g}")
     if args.ours is not None and args.ours not in set(engines) & set(RUNTIME_ENGINES):
         run = ", ".join(e for e in engines if e in RUNTIME_ENGINES)
         p.error(f"--ours must be one of the runtime engines run: {run}")
     forwarded = _without_option(sys.argv[1:], "--engines")
+    cpu = cpu_info()
+    have = " ".join(f for f, on in cpu["flags"].items() if on) or "none of them"
+    print(f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {have} (of {', '.join(CPU_FLAGS)})")
+    workload = {
+        "prompt": args.prompt,
+        "size": list(args.size),
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "scheduler": "ddim",
+        "repeats": args.repeats,
+        "bundle": str(args.bundle),
+        "threads": args.threads,
+    }
     results: dict[str, Any] = {}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     for engine in engines:
         _image_path(args.json, engine).unlink(missing_ok=True)  # never compare a stale image
+        reason = _skip_reason(engine, args, cpu)
+        if reason:
+            print(f"skipping {engine}: {reason}", file=sys.stderr, flush=True)
+            results[engine] = {"skipped": reason}
+            continue
         print(f"running {engine} ...", file=sys.stderr, flush=True)
-        results[engine] = _spawn([sys.executable, __file__, *forwarded, "--worker", engine])
-    if args.optimum_python:
-        payload = json.dumps(
-            {
-                "model": str(args.optimum_model),
-                "prompt": args.prompt,
-                "steps": args.steps,
-                "guidance": args.guidance,
-                "width": args.size[0],
-                "height": args.size[1],
-                "repeats": args.repeats,
-            }
-        )
-        results["optimum"] = _spawn([str(args.optimum_python), "-c", OPTIMUM_WORKER, payload])
+        if engine in PEERS:
+            cmd = _peer_command(engine, args)
+        else:
+            cmd = [sys.executable, __file__, *forwarded, "--worker", engine]
+        results[engine] = _spawn(cmd, args.timeout)
+        _write_report(args.json, {"cpu": cpu, "workload": workload, "partial": True, "results": results})
 
     ours = args.ours or _fastest_runtime(results)
     _print_table(results, ours)
@@ -362,26 +426,15 @@ def main() -> int:
     for name, t in targets.items():
         verdict = "met" if t["met"] else "MISSED"
         print(f"target {name}: {t['value']:.3f} (limit {t['limit']:g}) {verdict}")
-    workload = {
-        "prompt": args.prompt,
-        "size": list(args.size),
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "scheduler": "ddim",
-        "repeats": args.repeats,
-        "bundle": str(args.bundle),
-        "threads": args.threads,
-    }
-    tmp = args.json.with_suffix(".tmp")
     report = {
+        "cpu": cpu,
         "workload": workload,
         "ours": ours,
         "targets": targets,
         "image_parity": parity,
         "results": results,
     }
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, args.json)
+    _write_report(args.json, report)
     print(f"wrote {args.json}")
     return 1 if any("error" in r for r in results.values()) else 0
 

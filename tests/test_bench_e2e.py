@@ -1,41 +1,66 @@
-"""scripts/bench_e2e.py end to end on the tiny bundle (two runtime engines, one repeat): every
+"""scripts/bench_e2e.py end to end on the tiny bundle (three runtime engines, one repeat): every
 engine reports, the image comparison is computed from the images the workers made, the targets
-are judged. Its timings are not asserted: speed lives in the benchmark's own output."""
+are judged, static shapes report their compiles. Its timings are not asserted: speed lives in the
+benchmark's own output. Then, without running engines: the CPU report, which engines are skipped
+and why, and a worker killed at its timeout."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-
-pytestmark = pytest.mark.integration  # runs the bench in subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import bench_e2e
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return bench_e2e
+
+
+@pytest.mark.integration  # runs the bench in subprocesses
 def test_bench_reports_engines_parity_and_targets(tiny_bundle: Path, tmp_path: Path) -> None:
     pytest.importorskip("openvino")
     report = tmp_path / "bench.json"
+    engines = ["runtime", "runtime_openvino", "runtime_openvino_static"]
     cmd = [sys.executable, str(ROOT / "scripts/bench_e2e.py"), "--bundle", str(tiny_bundle),
-           "--engines", "runtime,runtime_openvino", "--size", "64x64", "--steps", "2", "--repeats", "1",
+           "--engines", ",".join(engines), "--size", "64x64", "--steps", "2", "--repeats", "1",
            "--threads", "1", "--json", str(report)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(report.read_text())
-    assert set(data["results"]) == {"runtime", "runtime_openvino"}
+    assert set(data["results"]) == set(engines) and "partial" not in data  # the final report
     for result in data["results"].values():
         assert len(result["latencies_s"]) == 1 and result["peak_rss_gib"] > 0
         assert 0 <= result["step_overhead_share"]["median"] < 1
+        assert result["call_median_s"]["unet"] > 0
     assert data["ours"] in data["results"]
     # OpenVINO fp32 and ONNX Runtime fp32 make the same image (same seed) to float rounding
     assert data["image_parity"]["runtime_openvino"]["max_pixel_diff"] <= 2
+    assert data["image_parity"]["runtime_openvino_static"]["max_pixel_diff"] <= 2
+    compiles = data["results"]["runtime_openvino_static"]["static_compiles"]
+    assert {c["model"] for c in compiles} == {"clip", "unet", "vae_decoder"}
+    assert all(c["seconds"] > 0 and not c["failed"] for c in compiles)
+    assert "static_compiles" not in data["results"]["runtime_openvino"]
+    assert "runtime_openvino_static: static unet compiled for its shape in" in out.stdout
+    assert set(data["cpu"]["flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+    assert data["cpu"]["model"]
+    assert out.stdout.startswith("CPU: ")
     assert {"time_to_first_image_s", "peak_rss_gib", "step_overhead_median"} <= set(data["targets"])
     assert "target peak_rss_gib" in out.stdout
 
 
+@pytest.mark.integration
 def test_bench_rejects_unknown_engines(tiny_bundle: Path) -> None:
     script = str(ROOT / "scripts/bench_e2e.py")
     cmd = [sys.executable, script, "--bundle", str(tiny_bundle), "--engines", "nope"]
@@ -44,3 +69,47 @@ def test_bench_rejects_unknown_engines(tiny_bundle: Path) -> None:
     ours = [*cmd[:-1], "runtime", "--ours", "diffusers_fp32"]
     out = subprocess.run(ours, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 2 and "--ours must be one of the runtime engines run: runtime" in out.stderr
+
+
+def test_cpu_info_reads_model_and_flags(bench: ModuleType, tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma avx512f\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu avx2 fma avx512f\n"
+    )
+    info = bench.cpu_info(cpuinfo)
+    assert info["model"] == "AMD EPYC 7B13"
+    assert info["flags"]["avx2"] and info["flags"]["avx512f"] and info["flags"]["fma"]
+    assert not info["flags"]["avx512_bf16"] and not info["flags"]["amx_bf16"]
+    assert set(info["flags"]) == set(bench.CPU_FLAGS)
+
+
+def _args(**overrides: object) -> argparse.Namespace:
+    base = {"force_bf16": False, "optimum_python": None, "ov_python": None, "ov_int8_model": None}
+    return argparse.Namespace(**{**base, **overrides})
+
+
+def test_bf16_engines_and_unset_peers_are_skipped_with_a_reason(bench: ModuleType) -> None:
+    no_bf16 = {"flags": {f: f in ("avx2", "fma") for f in bench.CPU_FLAGS}}
+    has_bf16 = {"flags": {f: f in ("avx2", "avx512_bf16") for f in bench.CPU_FLAGS}}
+    for engine in ("diffusers_bf16", "runtime_openvino_bf16", "runtime_openvino_bf16_static"):
+        reason = bench._skip_reason(engine, _args(), no_bf16)
+        assert reason and "no bf16 instructions" in reason and "--force-bf16" in reason
+        assert bench._skip_reason(engine, _args(force_bf16=True), no_bf16) is None
+        assert bench._skip_reason(engine, _args(), has_bf16) is None
+    assert bench._skip_reason("diffusers_fp32", _args(), no_bf16) is None
+    assert "setup_optimum.sh" in bench._skip_reason("optimum", _args(), has_bf16)
+    for peer in ("optimum_intel", "optimum_intel_static", "openvino_genai"):
+        assert "setup_openvino_peers.sh" in bench._skip_reason(peer, _args(), has_bf16)
+        assert bench._skip_reason(peer, _args(ov_python=Path("python")), has_bf16) is None
+    int8 = _args(ov_python=Path("python"))
+    assert "--ov-int8-model" in bench._skip_reason("optimum_intel_int8_static", int8, has_bf16)
+    int8.ov_int8_model = Path("folder")
+    assert bench._skip_reason("optimum_intel_int8_static", int8, has_bf16) is None
+
+
+def test_a_worker_past_its_timeout_is_killed_and_reported(bench: ModuleType) -> None:
+    result = bench._spawn([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
+    assert result == {"error": "no result within --timeout 0.5 s: killed"}
+    ok = [sys.executable, "-c", "import json; print(json.dumps({'median_s': 1}))"]
+    assert bench._spawn(ok, timeout=30) == {"median_s": 1}

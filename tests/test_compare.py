@@ -45,7 +45,7 @@ FAST = [
 @pytest.fixture(scope="module")
 def compared(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, dict, Path]:
     out = tmp_path_factory.mktemp("compare")
-    code = main(["--bundle", str(tiny_bundle), "--out", str(out), "--runs", "2", *FAST])
+    code = main(["--bundle", str(tiny_bundle), "--out", str(out), "--runs", "2", "--bf16", *FAST])
     return code, json.loads((out / "report.json").read_text()), out
 
 
@@ -142,6 +142,30 @@ def test_image_numbers_match_an_independent_run(compared, tiny_bundle):
     assert image["ssim"] == pytest.approx(
         structural_similarity(theirs, ours, channel_axis=-1, data_range=255)
     )
+
+
+def test_bf16_timing_follows_the_cpu_flags(tmp_path):
+    from export.compare.cpu import bf16_instructions, cpu_flags
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\n")
+    assert cpu_flags(cpuinfo) >= {"avx2", "avx512f"} and bf16_instructions(cpu_flags(cpuinfo)) == []
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: avx2 avx512_bf16 amx_bf16 amx_tile\n")
+    assert bf16_instructions(cpu_flags(cpuinfo)) == ["avx512_bf16", "amx_bf16"]
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+
+
+def test_default_skips_bf16_without_native_instructions(compared, tiny_bundle, tmp_path, monkeypatch, capsys):
+    """No bf16 flag: the bf16 timing is skipped with a printed reason; the fixture's --bf16 forced it."""
+    from export.compare import cli
+
+    monkeypatch.setattr(cli, "bf16_instructions", lambda: [])
+    code = main(["--bundle", str(tiny_bundle), "--out", str(tmp_path), "--runs", "1", *FAST])
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0 and report["speed"]["end_to_end"]["pytorch_bf16"] is None
+    reason = "skipping the PyTorch bf16 timings: this CPU has none of avx512_bf16, amx_bf16"
+    assert reason in capsys.readouterr().err
+    assert compared[1]["speed"]["end_to_end"]["pytorch_bf16"] is not None
 
 
 def test_impossible_gate_exits_1(tiny_bundle, tmp_path):

@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from export.compare.cpu import BF16_FLAGS, bf16_instructions
 from export.compare.settings import PRESETS, Settings, UsageError
 from export.compare.thresholds import DEFAULTS, Thresholds
 from runtime.backends import PRECISIONS, BackendConfig
@@ -24,6 +25,7 @@ from runtime.bundle import Bundle
 from runtime.cli import positive_int, size_argument
 from runtime.errors import RequestError, SetupError
 from runtime.options import options_from, validate
+from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
 
 BACKEND_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 # Ancestral samplers draw fresh noise every step from each side's own RNG: the runs could not match.
@@ -37,6 +39,20 @@ _FLAGS = {
     "seed": "--seed",
     "mode": "--mode",
 }  # first word of a runtime.options.validate error -> our flag
+DEFAULT_CACHE_INTERVALS = (2, 3, 5)
+
+
+def _intervals(text: str) -> tuple[int, ...]:
+    """'2,3,5' -> (2, 3, 5): step-caching intervals, each > 1; 'none' -> ()."""
+    if text.lower() == "none":
+        return ()
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must look like 2,3,5 or 'none'; got {text!r}") from None
+    if not all(2 <= v <= 1000 for v in values):
+        raise argparse.ArgumentTypeError(f"each interval must be from 2 to 1000; got {text!r}")
+    return tuple(dict.fromkeys(values))
 
 
 def _gate(low: float, high: float) -> Any:
@@ -109,7 +125,29 @@ def parser() -> argparse.ArgumentParser:
         default=os.cpu_count() or 1,
         help="intra-op threads for PyTorch and ONNX Runtime alike (default: all cores)",
     )
-    p.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the PyTorch bf16 timings")
+    bf16 = p.add_mutually_exclusive_group()
+    bf16.add_argument(
+        "--bf16",
+        dest="bf16",
+        action="store_const",
+        const=True,
+        help=f"time PyTorch bf16 even on a CPU without {'/'.join(BF16_FLAGS)} (emulated: very slow)",
+    )
+    bf16.add_argument(
+        "--no-bf16",
+        dest="bf16",
+        action="store_const",
+        const=False,
+        help="skip the PyTorch bf16 timings (default: skipped on CPUs without native bf16)",
+    )
+    p.add_argument(
+        "--cache-intervals",
+        type=_intervals,
+        default=None,
+        metavar="N,N",
+        help="step-caching variants the runtime also runs, each compared with the exact PyTorch fp32 "
+        "image (default 2,3,5 when the bundle has the step-caching graphs; 'none' skips them)",
+    )
     gates = p.add_argument_group("thresholds (default per --precision; 'none' turns a gate off)")
     for option, (_, component, (low, high)) in GATES.items():
         what = f"{component} " if component else ""
@@ -199,10 +237,41 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
         guidance=args.guidance,
         mode=args.mode,
         threads=args.threads,
-        bf16=args.bf16,
+        bf16=_bf16_default() if args.bf16 is None else args.bf16,
         out=args.out.resolve(),
+        cache_intervals=_cache_intervals(args.cache_intervals, bundle),
     )
     return s, bundle
+
+
+def _bf16_default() -> bool:
+    """Time PyTorch bf16 only where the CPU has bf16 instructions; say why when skipping it."""
+    if bf16_instructions():
+        return True
+    print(
+        f"[compare] skipping the PyTorch bf16 timings: this CPU has none of {', '.join(BF16_FLAGS)}, so "
+        "bf16 would be emulated (many times slower than fp32); --bf16 runs them anyway",
+        file=sys.stderr,
+    )
+    return False
+
+
+def _cache_intervals(asked: tuple[int, ...] | None, bundle: Bundle) -> tuple[int, ...]:
+    """The variants to run: the default set when the bundle can, none (said why) when it cannot."""
+    has_graphs = all(m in bundle.models for m in (DEEPCACHE_FULL, DEEPCACHE_SHALLOW))
+    if has_graphs:
+        return DEFAULT_CACHE_INTERVALS if asked is None else asked
+    if asked:
+        raise UsageError(
+            f"--cache-intervals: {bundle.root} has no step-caching graphs; re-export it with "
+            "`python -m export ... --deepcache`, or pass --cache-intervals none"
+        )
+    if asked is None:
+        print(
+            "[compare] no step-caching rows: the bundle was exported without --deepcache",
+            file=sys.stderr,
+        )
+    return ()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,6 +323,13 @@ def _summary(r: dict[str, Any]) -> None:
         ratios.append(f"{e2e['speedup_vs_bf16']:.2f}x vs PyTorch bf16")
     median = e2e["runtime"]["total"]["median_s"]
     print(f"  speed        runtime end to end {median:.3f} s median: {', '.join(ratios)}")
+    for row in r["accuracy"]["variants"]:
+        speed = f"  {row['speedup_vs_exact']:.2f}x the exact runtime" if row["speedup_vs_exact"] else ""
+        print(
+            f"  {row['variant']:<24} max pixel diff {row['max_pixel_diff']}/255  "
+            f"PSNR {row['psnr_db']:.4g} dB  SSIM {row['ssim']:.4f}  "
+            f"final-latent rel L2 {row['final_latent_rel_l2']:.3g}{speed}"
+        )
 
 
 if __name__ == "__main__":

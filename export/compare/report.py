@@ -328,6 +328,37 @@ def _bf16(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _variants(r: dict[str, Any]) -> list[str]:
+    rows = [
+        [
+            v["variant"],
+            str(v["max_pixel_diff"]),
+            _num(v["psnr_db"], 4),
+            _num(v["ssim"], 4),
+            _num(v["final_latent_max_abs"]),
+            _num(v["final_latent_rel_l2"]),
+            f"{v['median_s']:.3f}",
+            _ratio(v["speedup_vs_exact"]),
+        ]
+        for v in r["accuracy"]["variants"]
+    ]
+    if len(rows) < 2:
+        return []
+    header = ["variant", "max pixel diff", "PSNR dB", "SSIM", "final latent max abs", "final latent rel L2",
+              "end to end s (median)", "speed vs runtime"]  # fmt: skip
+    return (
+        [
+            "## Variants vs the exact PyTorch fp32 image (not gated)",
+            "",
+            "Each way of computing the image from the same latents, against PyTorch fp32. Step caching "
+            "(cache interval N): the whole UNet every N-th step, its shallow part in between.",
+            "",
+        ]
+        + _table(header, rows)
+        + [""]
+    )
+
+
 def _checks(r: dict[str, Any]) -> list[str]:
     rows = [
         [
@@ -346,5 +377,5 @@ def _checks(r: dict[str, Any]) -> list[str]:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    sections = [_header(r), _accuracy(r), _end_to_end(r), _speed(r), _bf16(r), _checks(r)]
+    sections = [_header(r), _accuracy(r), _end_to_end(r), _speed(r), _bf16(r), _variants(r), _checks(r)]
     return "\n".join(line for section in sections for line in section)

@@ -173,6 +173,7 @@ def compare(s: Settings, bundle: Bundle, thresholds: Thresholds) -> dict[str, An
     timed = {"pytorch_fp32": time_pytorch(ref, r, s.runs, bf16=False)}
     bf16_support = torch_ref.bf16_support()
     bf16_context = None
+    bf16_run: torch_ref.TorchRun | None = None
     if s.bf16 and bf16_support["available"]:
         log(f"PyTorch bf16: warm-up and timing, {s.runs} runs")
         reset_peak_rss()
@@ -198,6 +199,7 @@ def compare(s: Settings, bundle: Bundle, thresholds: Thresholds) -> dict[str, An
         np.allclose(runtime_timesteps, r.run.timesteps)
     )
     drift = {"timesteps": r.run.timesteps, **latent_drift(got["e2e/steps"], r.run.steps)}
+    variants = variant_rows(r, got, worker, image, timed, bf16_context, bf16_run)
     checks = evaluate(components, image, thresholds)
     if not schedule_match:
         checks.append(Check("schedule: runtime timesteps == diffusers timesteps", 0.0, ">=", 1.0))
@@ -239,6 +241,7 @@ def compare(s: Settings, bundle: Bundle, thresholds: Thresholds) -> dict[str, An
                 "clip_score": clip_score(ref, s, ref_image, ours_image),
             },
             "pytorch_bf16_vs_fp32": bf16_context,
+            "variants": variants,
         },
         "speed": speed,
         "memory": {
@@ -250,6 +253,60 @@ def compare(s: Settings, bundle: Bundle, thresholds: Thresholds) -> dict[str, An
         "checks": [c.to_json() for c in checks],
         "figures": figs,
     }
+
+
+def _variant_row(
+    name: str,
+    image: dict[str, Any],
+    final: np.ndarray,
+    ref_final: np.ndarray,
+    median_s: float,
+    exact_s: float,
+) -> dict[str, Any]:
+    drift = latent_drift(final[None], ref_final[None])
+    return {
+        "variant": name,
+        "max_pixel_diff": image["max_pixel_diff"],
+        "psnr_db": image["psnr_db"],
+        "ssim": image["ssim"],
+        "final_latent_max_abs": drift["max_abs"][0],
+        "final_latent_rel_l2": drift["rel_l2"][0],
+        "median_s": median_s,
+        "speedup_vs_exact": exact_s / median_s,
+    }
+
+
+def variant_rows(
+    r: Reference,
+    got: dict[str, np.ndarray],
+    worker: dict[str, Any],
+    image: dict[str, Any],
+    timed: dict[str, Any],
+    bf16_context: dict[str, Any] | None,
+    bf16_run: torch_ref.TorchRun | None,
+) -> list[dict[str, Any]]:
+    """One row per way of computing the image, each against the exact PyTorch fp32 one: the
+    runtime as asked, PyTorch bf16 (when timed) and the runtime's step-caching variants."""
+    ref_image, ref_final = to_uint8(r.run.image), r.run.steps[-1]
+    exact_s = worker["e2e"]["total"]["median_s"]
+    rows = [_variant_row("runtime", image, got["e2e/steps"][-1], ref_final, exact_s, exact_s)]
+    if bf16_context is not None and bf16_run is not None:
+        median = timed["pytorch_bf16"]["e2e"]["total"]["median_s"]
+        bf16_image = bf16_context["image"]
+        rows.append(_variant_row("pytorch bf16", bf16_image, bf16_run.steps[-1], ref_final, median, exact_s))
+    for interval, timing in worker["variants"].items():
+        ours = got[f"cache{interval}/image"]
+        rows.append(
+            _variant_row(
+                f"runtime, cache interval {interval}",
+                image_metrics(ours, ref_image),
+                got[f"cache{interval}/final_latent"],
+                ref_final,
+                timing["total"]["median_s"],
+                exact_s,
+            )
+        )
+    return rows
 
 
 def _speed(timed: dict[str, Any], worker: dict[str, Any]) -> dict[str, Any]:

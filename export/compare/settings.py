@@ -38,13 +38,19 @@ class Settings:
     threads: int
     bf16: bool  # also time PyTorch under bfloat16 autocast
     out: Path
+    cache_intervals: tuple[int, ...] = ()  # step-caching variants the runtime also runs (> 1 each)
 
     def to_json(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Settings:
-        return cls(**{**d, "bundle": Path(d["bundle"]), "out": Path(d["out"])})
+        return cls(**{
+            **d,
+            "bundle": Path(d["bundle"]),
+            "out": Path(d["out"]),
+            "cache_intervals": tuple(d.get("cache_intervals", ())),
+        })  # fmt: skip
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2))

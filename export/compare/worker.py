@@ -27,7 +27,7 @@ from runtime.options import GenerateOptions
 from runtime.pipeline import Pipeline
 
 
-def generate_options(s: Settings, latents: np.ndarray) -> GenerateOptions:
+def generate_options(s: Settings, latents: np.ndarray, cache_interval: int = 1) -> GenerateOptions:
     """The runtime request matching the PyTorch run (same latents, scheduler, guidance, mode)."""
     return GenerateOptions(
         prompts=(s.prompt,),
@@ -40,7 +40,41 @@ def generate_options(s: Settings, latents: np.ndarray) -> GenerateOptions:
         scheduler=s.scheduler,
         mode=s.mode,
         latents=latents,
+        cache_interval=cache_interval,
     )
+
+
+def time_e2e(pipeline: Pipeline, options: GenerateOptions, runs: int) -> dict[str, Any]:
+    """`runs` end-to-end generations (already warmed up): total and per-stage statistics."""
+    totals: list[float] = []
+    stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for _ in range(runs):
+        start = time.perf_counter()
+        timed = pipeline.generate(options)
+        totals.append(time.perf_counter() - start)
+        for stage in STAGES:
+            stages[stage].append(timed.timings.get(stage, 0.0))
+    return {
+        "total": Stats(tuple(totals)).to_json(),
+        "stages": {k: Stats(tuple(v)).to_json() for k, v in stages.items()},
+    }
+
+
+def run_variant(
+    pipeline: Pipeline, s: Settings, latents: np.ndarray, interval: int, outputs: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """One step-caching variant: its image and final latent from a first run (which also loads
+    its graphs), then its timings."""
+    options = generate_options(s, latents, interval)
+    last: dict[str, np.ndarray] = {}
+
+    def keep(i: int, t: float, x: np.ndarray) -> None:
+        last["latent"] = x
+
+    result = pipeline.generate(options, on_step=keep)
+    outputs[f"cache{interval}/image"] = result.images[0]
+    outputs[f"cache{interval}/final_latent"] = last["latent"]
+    return time_e2e(pipeline, options, s.runs)
 
 
 def run(job: Path) -> dict[str, Any]:
@@ -77,21 +111,13 @@ def run(job: Path) -> dict[str, Any]:
     outputs["e2e/image"] = result.images[0]
     outputs["e2e/steps"] = np.stack(steps)
     outputs["e2e/timesteps"] = np.asarray(timesteps, dtype=np.float64)
-    totals: list[float] = []
-    stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
-    for _ in range(s.runs):
-        start = time.perf_counter()
-        timed = pipeline.generate(options)
-        totals.append(time.perf_counter() - start)
-        for stage in STAGES:
-            stages[stage].append(timed.timings.get(stage, 0.0))
+    e2e = time_e2e(pipeline, options, s.runs)
+    variants = {n: run_variant(pipeline, s, inputs["e2e/latents"], n, outputs) for n in s.cache_intervals}
     np.savez(job / "outputs.npz", **cast(dict[str, Any], outputs))
     return {
         "components": components,
-        "e2e": {
-            "total": Stats(tuple(totals)).to_json(),
-            "stages": {k: Stats(tuple(v)).to_json() for k, v in stages.items()},
-        },
+        "e2e": e2e,
+        "variants": {str(n): v for n, v in variants.items()},
         "rss": {"baseline_bytes": baseline, "peak_bytes": peak_rss_bytes(), "peak_reset": peak_tracked},
         "torch_imported": "torch" in sys.modules,
     }

@@ -20,6 +20,7 @@ DEVICES = {"onnxruntime": ("cpu", "cuda", "tensorrt"), "openvino": ("cpu",), "te
 BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp16",)}
 # Settings that mean something to one backend only.
 THREADED = ("onnxruntime", "openvino")  # intra-op CPU threads
+STATIC = {"onnxruntime": ("cpu",), "openvino": ("cpu",)}  # static_shapes: backend -> its devices
 
 
 def bundle_files(precision: str) -> str:
@@ -37,6 +38,9 @@ class BackendConfig:
     engine_dir: Path | None = None  # tensorrt: where the engines are (default BUNDLE/engines)
     cuda_graphs: bool = True  # tensorrt: replay CUDA graphs for repeated shapes
     device_id: int = 0  # tensorrt: which GPU
+    # onnxruntime (cpu), openvino: compile each model per request shape (cached, small LRU) instead
+    # of once for any shape; a shape whose compile fails runs on the dynamic model.
+    static_shapes: bool = False
 
     def validate(self) -> BackendConfig:
         """This config with defaults resolved; RequestError naming the setting and its choices."""
@@ -62,6 +66,10 @@ class BackendConfig:
                 raise RequestError(
                     f"threads must be an integer >= 1 (or unset: all cores); got {self.threads!r}"
                 )
+        if self.static_shapes and device not in STATIC.get(self.backend, ()):
+            raise RequestError(
+                f"static_shapes applies to openvino and onnxruntime on cpu only, not {self.backend}/{device}"
+            )
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
             raise RequestError(f"device_id must be an integer >= 0; got {self.device_id!r}")
         return replace(self, device=device, precision=precision)

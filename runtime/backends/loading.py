@@ -1,5 +1,6 @@
-"""What the CPU backends share: each model loaded once, in background threads, and the derived-graph
-cache they keep beside the bundle (ONNX Runtime's optimised graphs, OpenVINO's IR)."""
+"""What the CPU backends share: each model loaded once, in background threads, the derived-graph
+cache they keep beside the bundle (ONNX Runtime's optimised graphs, OpenVINO's IR), and with static
+shapes the per-shape compiles (ShapeCache)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import mmap
 import os
 import sys
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -173,3 +177,96 @@ class BackgroundLoads(Generic[T]):
         for load in loads:
             if not load.cancel():
                 load.exception()
+
+
+Shapes = tuple[tuple[int, ...], ...]  # one request's input shapes, in the model spec's input order
+STATIC_SHAPES_PER_MODEL = 2  # compiled shapes kept per model: each holds its own packed weights
+
+
+def input_shapes(entry: ModelManifest, feeds: dict[str, np.ndarray]) -> Shapes:
+    """The key of a static compile: every input's shape, in the spec's order."""
+    return tuple(tuple(int(d) for d in feeds[name].shape) for name in entry.spec.input_names)
+
+
+@dataclass(frozen=True)
+class ShapeCompile:
+    """One first call at a new shape: what compiled, for which shapes, in how long, and whether it
+    failed (then that shape runs on the dynamic model)."""
+
+    model: str
+    shapes: Shapes
+    seconds: float
+    failed: bool = False
+
+
+class ShapeCache(Generic[T]):
+    """Models compiled for one exact input shape each, `capacity` per model, least recently used
+    dropped first. The first call at a shape compiles (every caller of that shape waits for the one
+    compile), is logged with its time and recorded in `compiles`. A failed compile is logged and
+    remembered, and `get` returns None for that shape from then on: the caller runs its dynamic
+    model instead."""
+
+    def __init__(self, build: Callable[[str, Shapes], T], capacity: int = STATIC_SHAPES_PER_MODEL):
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1; got {capacity}")
+        self._build, self.capacity = build, capacity
+        self._entries: OrderedDict[tuple[str, Shapes], T] = OrderedDict()
+        self._pending: dict[tuple[str, Shapes], Future[T | None]] = {}
+        self._failed: set[tuple[str, Shapes]] = set()
+        self._lock = threading.Lock()
+        self.compiles: list[ShapeCompile] = []
+        self.hits = self.evictions = 0
+
+    def get(self, model: str, shapes: Shapes) -> T | None:
+        key = (model, shapes)
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key]
+            if key in self._failed:
+                return None
+            waiting = self._pending.get(key)
+            if waiting is None:
+                self._pending[key] = Future()
+        if waiting is not None:
+            return waiting.result()
+        return self._compile(key)
+
+    def _compile(self, key: tuple[str, Shapes]) -> T | None:
+        model, shapes = key
+        start = time.perf_counter()
+        value: T | None
+        try:
+            value = self._build(model, shapes)
+        except Exception as exc:  # engines raise their own untyped errors; the dynamic model remains
+            value = None
+            log.warning("static shapes: %s could not compile for %s (%s); it runs with dynamic shapes",
+                        model, shapes, exc)  # fmt: skip
+        seconds = time.perf_counter() - start
+        with self._lock:
+            self.compiles.append(ShapeCompile(model, shapes, seconds, failed=value is None))
+            if value is None:
+                self._failed.add(key)
+            else:
+                self._entries[key] = value
+                self._evict(model)
+            self._pending.pop(key).set_result(value)
+        if value is not None:
+            log.info("static shapes: compiled %s for new shapes %s in %.2f s", model, shapes, seconds)
+        return value
+
+    def _evict(self, model: str) -> None:
+        mine = [k for k in self._entries if k[0] == model]  # least recently used first
+        for key in mine[: max(0, len(mine) - self.capacity)]:
+            del self._entries[key]
+            self.evictions += 1
+
+    def cached(self) -> list[tuple[str, Shapes]]:
+        """The compiled (model, shapes), least recently used first."""
+        with self._lock:
+            return list(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

@@ -8,6 +8,10 @@ optimisation (10-20 s for the SD 1.5 UNet).
 
 On CUDA, ORT runs fp32 MatMul/Conv in TF32 by default (Ampere and newer): faster, but ~1e-3 off
 fp32. `OrtBackend(..., tf32=False)` sets the CUDA provider's `use_tf32=0` for parity runs.
+
+With `static_shapes` (CPU), each model gets a session per request shape, its symbolic dims fixed by
+free-dimension overrides before ORT optimises the graph (a few shapes kept per model, see
+loading.ShapeCache). A shape whose session fails runs on the dynamic session, created only then.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ from runtime.backends.base import BackendError
 from runtime.backends.config import BackendConfig
 from runtime.backends.loading import (
     BackgroundLoads,
+    ShapeCache,
+    Shapes,
     cache_intact,
     checked_entry,
     derived_path,
+    input_shapes,
     own_config,
     seal_cache,
     writable,
@@ -96,6 +103,12 @@ class OrtBackend:
         self.precision, self.device = config.precision, config.device
         self.threads, self.cache_optimized = config.threads, config.cache_graphs
         self._sessions = BackgroundLoads(bundle, self._create, self._load_path)
+        # static shapes: the verified source (checked in the background by `prepare`), then a
+        # session per shape
+        self._ready = BackgroundLoads(bundle, self._verified_source, self._source_path)
+        self.static: ShapeCache[ort.InferenceSession] | None = (
+            ShapeCache(self._create_static) if config.static_shapes else None
+        )
         self._resident = threading.local()  # per thread: (model, input) -> (array, device copy)
 
     def _provider_options(self) -> list[tuple[str, dict[str, str]]]:
@@ -127,7 +140,7 @@ class OrtBackend:
     def _caches(self) -> bool:
         return self.cache_optimized and self.device == "cpu"
 
-    def _create(self, model: str) -> ort.InferenceSession:
+    def _session_options(self) -> ort.SessionOptions:
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if self.threads:
@@ -137,6 +150,32 @@ class OrtBackend:
         # The CPU arena keeps each session's peak activations reserved between calls; without it
         # the SD 1.5 UNet's resident memory drops ~0.2 GiB at no measurable cost per step.
         opts.enable_cpu_mem_arena = self.device != "cpu"
+        return opts
+
+    def _source_path(self, model: str) -> Path:
+        return self.bundle.root / self._source(model).file
+
+    def _verified_source(self, model: str) -> Path:
+        return self.bundle.verified_path(self._source(model))
+
+    def _create_static(self, model: str, shapes: Shapes) -> ort.InferenceSession:
+        """A session for exactly `shapes`: every symbolic input dim overridden by its value, then
+        the full graph optimisation (which may then fold shape computations)."""
+        spec = self.bundle.models[model].spec
+        dims: dict[str, int] = {}
+        for tensor, shape in zip(spec.inputs, shapes, strict=True):
+            for dim, value in zip(tensor.shape, shape, strict=True):
+                if isinstance(dim, str) and dims.setdefault(dim, value) != value:
+                    raise ValueError(f"dim {dim} is {dims[dim]} in one input and {value} in {tensor.name}")
+        opts = self._session_options()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        for dim, value in dims.items():
+            opts.add_free_dimension_override_by_name(dim, value)
+        path = self._ready.get(model)  # done: `run` waited for it
+        return ort.InferenceSession(str(path), opts, providers=self._provider_options())
+
+    def _create(self, model: str) -> ort.InferenceSession:
+        opts = self._session_options()
         source = self.bundle.verified_path(self._source(model))  # even when the cache is used
         cached = self._cache_path(model)
         if self._caches() and cache_intact(self.bundle, cached):
@@ -175,14 +214,19 @@ class OrtBackend:
         """Start loading these models in background threads; `run` waits for a model only if its
         load has not finished. A failed load is reported by the first `run` of that model."""
         for model in models:
-            self._sessions.start(model)
+            (self._sessions if self.static is None else self._ready).start(model)
 
     def session(self, model: str) -> ort.InferenceSession:
         return self._sessions.get(model)
 
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         entry = checked_entry(self.bundle, model, feeds)
-        session = self.session(model)
+        session = None
+        if self.static is not None:
+            self._ready.get(model)  # its errors (integrity) are not a shape's failure
+            session = self.static.get(model, input_shapes(entry, feeds))
+        if session is None:
+            session = self.session(model)
         try:
             if self.device == "cpu":
                 outputs = session.run(entry.spec.output_names, feeds)
@@ -216,4 +260,7 @@ class OrtBackend:
 
     def close(self) -> None:
         self._sessions.close()
+        self._ready.close()
+        if self.static is not None:
+            self.static.clear()
         self._resident = threading.local()

@@ -10,6 +10,11 @@ Each ONNX graph is converted once to OpenVINO IR and cached beside the bundle (`
 by model, precision, OpenVINO version and the source's sha256. OpenVINO memory-maps an IR's
 weights, so a start reads only what it runs; for bf16 they are stored as fp16 (half the pages).
 A read-only bundle compiles straight from the ONNX graph (slower start, more memory).
+
+With `static_shapes`, each model is compiled per request shape (`reshape` to the exact input
+shapes, then compile; a few shapes kept per model, see loading.ShapeCache): the first call at a new
+shape pays the compile, later ones run the shape-specialised kernels. A shape that fails to
+compile runs on the dynamic model, compiled only then.
 """
 
 from __future__ import annotations
@@ -27,20 +32,25 @@ from runtime.backends.base import BackendError
 from runtime.backends.config import BackendConfig, bundle_files
 from runtime.backends.loading import (
     BackgroundLoads,
+    ShapeCache,
+    Shapes,
     cache_intact,
     checked_entry,
     derived_path,
     drop_mapped_pages,
+    input_shapes,
     own_config,
     seal_cache,
     writable,
 )
 from runtime.bundle import Bundle
 from runtime.manifest import FileEntry
+from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
 
 log = logging.getLogger(__name__)
 
-BF16_MODELS = frozenset({"unet", "vae_decoder"})  # where the time goes; the rest stays fp32
+# Where the time goes (the UNet and its step-caching halves, the VAE decoder); the rest stays fp32.
+BF16_MODELS = frozenset({"unet", DEEPCACHE_FULL, DEEPCACHE_SHALLOW, "vae_decoder"})
 _HINT = {"fp32": "f32", "bf16": "bf16"}
 # One conversion at a time: each holds a whole fp32 graph in memory (3.4 GB for the SD 1.5 UNet),
 # and convert_model saves and restores the root logger's level, which two at once would garble.
@@ -80,6 +90,11 @@ class OvBackend:
         self._core = ov.Core()
         self._version = ov.get_version().split("-")[0]
         self._compiled = BackgroundLoads(bundle, self._compile, self._load_path)
+        # static shapes: the IR (converted in the background by `prepare`), then a compile per shape
+        self._ready = BackgroundLoads(bundle, self._ready_path, self._load_path)
+        self.static: ShapeCache[_ShapeModel] | None = (
+            ShapeCache(self._compile_shapes) if config.static_shapes else None
+        )
         self._requests = threading.local()  # per thread: model -> InferRequest (not thread-safe)
         self._mapped: dict[str, list[Path]] = {}  # model -> the files its compiled model maps
         self._shapes_seen: set[tuple[object, ...]] = set()
@@ -115,7 +130,8 @@ class OvBackend:
             for leftover in (tmp, tmp.with_suffix(".bin")):
                 leftover.unlink(missing_ok=True)
 
-    def _compile(self, model: str) -> Any:
+    def _ready_path(self, model: str) -> Path:
+        """Verify the source, write its IR if the cache lacks it; the path a compile reads."""
         self.bundle.verified_path(self._source(model))  # even when the IR cache is used
         ir = self._ir_path(model)
         if self.cache_ir and not cache_intact(self.bundle, ir) and writable(ir.parent):
@@ -124,7 +140,9 @@ class OvBackend:
             except Exception as exc:  # OpenVINO raises its own untyped errors
                 raise BackendError(f"could not convert {model} to OpenVINO IR: {exc}") from exc
             seal_cache(ir)
-        path = self._load_path(model)
+        return self._load_path(model)
+
+    def _compile_config(self, model: str) -> dict[str, Any]:
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": _HINT[self._model_precision(model)],
             "PERFORMANCE_HINT": "LATENCY",
@@ -134,20 +152,39 @@ class OvBackend:
         }
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
+        return config
+
+    def _remember_mapped(self, model: str, path: Path) -> None:
+        """What a compiled model keeps mapped: the IR's .bin, or the ONNX graph and its data."""
+        ir = self._ir_path(model)
+        mapped = [ir.with_suffix(".bin")] if path == ir else [path, path.with_name(path.name + ".data")]
+        self._mapped[model] = mapped
+
+    def _compile(self, model: str) -> Any:
+        path = self._ready_path(model)
+        config = self._compile_config(model)
         try:
             compiled = self._core.compile_model(str(path), "CPU", config)
         except Exception as exc:
             raise BackendError(f"could not load {model} ({self.precision}) from {path}: {exc}") from exc
         log.debug("compiled %s from %s (%s)", model, path, config)
-        # what the compiled model keeps mapped: the IR's .bin, or the ONNX graph and its data
-        mapped = [ir.with_suffix(".bin")] if path == ir else [path, path.with_name(path.name + ".data")]
-        self._mapped[model] = mapped
+        self._remember_mapped(model, path)
         return compiled
+
+    def _compile_shapes(self, model: str, shapes: Shapes) -> _ShapeModel:
+        """Read the model (the cached IR: mapped, cheap), fix its inputs to `shapes`, compile."""
+        path = self._ready.get(model)  # done: `run` waited for it
+        graph = self._core.read_model(str(path))
+        names = self.bundle.models[model].spec.input_names
+        graph.reshape({name: list(shape) for name, shape in zip(names, shapes, strict=True)})
+        compiled = self._core.compile_model(graph, "CPU", self._compile_config(model))
+        self._remember_mapped(model, path)
+        return _ShapeModel(compiled)
 
     def prepare(self, models: Iterable[str]) -> None:
         """Start compiling these models in background threads; `run` waits only if needed."""
         for model in models:
-            self._compiled.start(model)
+            (self._compiled if self.static is None else self._ready).start(model)
 
     def _request(self, model: str) -> Any:
         if not hasattr(self._requests, "by_model"):
@@ -159,7 +196,11 @@ class OvBackend:
 
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         entry = checked_entry(self.bundle, model, feeds)
-        request = self._request(model)
+        static = None
+        if self.static is not None:
+            self._ready.get(model)  # its errors (integrity, conversion) are not a shape's failure
+            static = self.static.get(model, input_shapes(entry, feeds))
+        request = self._request(model) if static is None else static.request()
         try:
             # share_inputs: no copy of the feeds; outputs are copied out (the request reuses them)
             outputs = request.infer(feeds, share_inputs=True)
@@ -176,4 +217,21 @@ class OvBackend:
 
     def close(self) -> None:
         self._compiled.close()
+        self._ready.close()
+        if self.static is not None:
+            self.static.clear()
         self._requests = threading.local()
+
+
+class _ShapeModel:
+    """A model compiled for one shape, with one infer request per calling thread; dropped with it
+    when the shape cache evicts it."""
+
+    def __init__(self, compiled: Any):
+        self.compiled = compiled
+        self._requests = threading.local()
+
+    def request(self) -> Any:
+        if not hasattr(self._requests, "request"):
+            self._requests.request = self.compiled.create_infer_request()
+        return self._requests.request

@@ -1,7 +1,8 @@
 """Micro-batching: run requests of the same shape as one `Pipeline.generate` call.
 
 Only requests whose merged run gives each of them exactly the images it would get alone are
-merged: one prompt each; equal size, steps, guidance, scheduler, mode and compose settings;
+merged: one prompt each; equal size, steps, guidance, scheduler, mode, compose settings and
+cache interval;
 a deterministic scheduler (an ancestral one draws per-step noise from the call's seed + row,
 which a merge would reassign); truncated prompts (chunked prompts pad to the longest in a call);
 no caller-supplied latents. Each request's initial noise is drawn from its own seeds here, the
@@ -29,7 +30,7 @@ def batch_key(options: ResolvedOptions, bundle: Bundle) -> Hashable | None:
     if make_scheduler(o.scheduler, bundle.scheduler_config).stochastic:
         return None
     return (o.height, o.width, o.steps, o.guidance, o.scheduler, o.mode, o.compose_mode, o.normalize,
-            o.num_images)  # fmt: skip
+            o.num_images, o.cache_interval)  # fmt: skip
 
 
 def merge(batch: list[ResolvedOptions], bundle: Bundle) -> ResolvedOptions:

@@ -2,10 +2,10 @@
 
 One model (default name "sdrt", version "1"). Inputs: `prompt` BYTES [1] (required), optional
 one-element `negative_prompt`, `scheduler`, `mode`, `compose_mode`, `long_prompt` (BYTES),
-`steps`, `seed`, `width`, `height`, `num_images` (any INT/UINT type), `guidance` (FP16/32/64),
-`normalize` (BOOL). Outputs: `image` UINT8 [N, H, W, 3], `seed` INT64 [N] and `parameters`
-BYTES [N] (each image's A1111 text, as in its PNG). Request parameter `timeout` (microseconds,
-Triton's unit) shortens the deadline.
+`steps`, `seed`, `width`, `height`, `num_images`, `cache_interval` (any INT/UINT type),
+`guidance` (FP16/32/64), `normalize` (BOOL). Outputs: `image` UINT8 [N, H, W, 3], `seed` INT64
+[N] and `parameters` BYTES [N] (each image's A1111 text, as in its PNG). Request parameter
+`timeout` (microseconds, Triton's unit) shortens the deadline.
 
 Errors: a malformed request (JSON, tensor shapes, datatypes, unknown inputs) is 400, as Triton
 answers; a well-formed one with a bad value (unreadable text, steps out of range) is 422, as /v1.
@@ -39,7 +39,7 @@ from runtime.serving.limits import Limits
 
 VERSION = "1"
 _STRINGS = ("prompt", "negative_prompt", "scheduler", "mode", "compose_mode", "long_prompt")
-_INTS = ("steps", "seed", "width", "height", "num_images")
+_INTS = ("steps", "seed", "width", "height", "num_images", "cache_interval")
 INPUTS = {
     **{name: "BYTES" for name in _STRINGS},
     **{name: "INT32" for name in _INTS},

@@ -86,6 +86,7 @@ class ServerOptions:
                 device=v.get("device", b.device),
                 precision=v.get("precision", b.precision),
                 threads=v.get("threads", b.threads),
+                static_shapes=v.get("static_shapes", b.static_shapes),
             ),
             engine=EngineConfig(
                 workers=v.get("workers", e.workers),
@@ -122,6 +123,7 @@ KINDS: dict[str, tuple[type, bool]] = {
     "device": (str, True),
     "precision": (str, True),
     "threads": (int, True),
+    "static_shapes": (bool, False),
     "workers": (int, False),
     "max_queue": (int, False),
     "max_batch": (int, False),

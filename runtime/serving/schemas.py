@@ -44,6 +44,12 @@ class GenerateRequest(BaseModel):
     normalize: bool = Field(False, strict=True, description="compose: rescale to the pieces' mean norm")
     num_images: int = Field(1, strict=True, description="images for this prompt (capped by --max-images)")
     long_prompt: str = Field("truncate", json_schema_extra={"enum": list(LONG_PROMPT_MODES)})
+    cache_interval: int = Field(
+        1,
+        strict=True,
+        description="step caching: the whole UNet every N-th step, its shallow part in between "
+        "(faster, approximate; needs a bundle exported with --deepcache); 1 = off",
+    )
     timeout: float | None = Field(
         None, gt=0, description="seconds until the server gives up (capped by its --timeout)"
     )
@@ -81,6 +87,7 @@ class GenerationParameters(BaseModel):
     normalize: bool
     num_images: int
     long_prompt: str
+    cache_interval: int
 
     @classmethod
     def from_options(cls, o: ResolvedOptions) -> GenerationParameters:
@@ -98,6 +105,7 @@ class GenerationParameters(BaseModel):
             normalize=o.normalize,
             num_images=o.num_images,
             long_prompt=o.long_prompt,
+            cache_interval=o.cache_interval,
         )
 
 

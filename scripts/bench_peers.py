@@ -1,0 +1,133 @@
+"""The peers of scripts/bench_e2e.py, one per process, each run by the python of its own virtualenv:
+
+    PEER_PYTHON scripts/bench_peers.py PEER '{"model": ..., "prompt": ..., "steps": ..., ...}'
+
+prints one JSON line: the same timings as the runtime's workers (`timed_runs`, shared with
+bench_e2e.py). Only numpy is imported here at module level, so any peer venv can run it; each peer
+imports its own library. Peers (all with the DDIM scheduler, the bench's prompt, size, steps,
+guidance):
+- optimum: Optimum's ORTStableDiffusionPipeline (ONNX Runtime, fp32), from `optimum-cli export onnx`
+- optimum_intel[_bf16|_int8][_static]: optimum-intel's OVStableDiffusionPipeline, dynamic shapes
+  or `reshape`d to the request (static), computed in fp32 (INFERENCE_PRECISION_HINT f32: on a bf16
+  CPU OpenVINO would otherwise compute in bf16) or bf16; int8: its hybrid int8 folder
+  (scripts/ov_hybrid_int8.py), the rest of the compute in fp32
+- openvino_genai[_static]: openvino-genai's Text2ImagePipeline (C++), from the same IR folder
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+PEERS = (
+    "optimum",
+    "optimum_intel",
+    "optimum_intel_static",
+    "optimum_intel_bf16_static",
+    "optimum_intel_int8",
+    "optimum_intel_int8_static",
+    "openvino_genai",
+    "openvino_genai_static",
+)
+
+
+def timed_runs(first: Callable[[], float], repeats: int, run: Callable[[], object]) -> dict[str, Any]:
+    """first() -> seconds from process start to the first image; then `repeats` timed run() calls."""
+    ttfi = first()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    latencies = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        latencies.append(time.perf_counter() - start)
+    ordered = sorted(latencies)
+    return {
+        "median_s": statistics.median(ordered),
+        "p95_s": float(np.percentile(ordered, 95)),
+        "latencies_s": latencies,
+        "time_to_first_image_s": ttfi,
+        "cpu_per_wall": (time.process_time() - cpu0) / (time.perf_counter() - wall0),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def ov_properties(a: dict[str, Any], precision: str) -> dict[str, Any]:
+    """The OpenVINO compile properties the runtime's OpenVINO backend uses, for a like-for-like run."""
+    props: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if a.get("threads"):
+        props["INFERENCE_NUM_THREADS"] = a["threads"]
+    return props
+
+
+def optimum(a: dict[str, Any]) -> Callable[[], object]:
+    from diffusers import DDIMScheduler
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+
+    pipe = ORTStableDiffusionPipeline.from_pretrained(a["model"])
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return lambda: pipe(a["prompt"], num_inference_steps=a["steps"], guidance_scale=a["guidance"],
+                        height=a["height"], width=a["width"], output_type="np")  # fmt: skip
+
+
+def optimum_intel(a: dict[str, Any], static: bool, precision: str) -> Callable[[], object]:
+    from diffusers import DDIMScheduler
+    from optimum.intel import OVStableDiffusionPipeline
+
+    pipe = OVStableDiffusionPipeline.from_pretrained(
+        a["model"], ov_config=ov_properties(a, precision), compile=False
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    if static:
+        pipe.reshape(batch_size=1, height=a["height"], width=a["width"], num_images_per_prompt=1)
+    pipe.compile()
+    return lambda: pipe(a["prompt"], num_inference_steps=a["steps"], guidance_scale=a["guidance"],
+                        height=a["height"], width=a["width"], output_type="np")  # fmt: skip
+
+
+def openvino_genai(a: dict[str, Any], static: bool) -> Callable[[], object]:
+    import openvino_genai as ov_genai
+
+    pipe = ov_genai.Text2ImagePipeline(a["model"])
+    config = f"{a['model']}/scheduler/scheduler_config.json"
+    pipe.set_scheduler(ov_genai.Scheduler.from_config(config, ov_genai.Scheduler.Type.DDIM))
+    if static:
+        pipe.reshape(1, a["height"], a["width"], a["guidance"])
+    pipe.compile("CPU", **ov_properties(a, "f32"))
+    return lambda: pipe.generate(a["prompt"], width=a["width"], height=a["height"], rng_seed=0,
+                                 num_inference_steps=a["steps"], guidance_scale=a["guidance"])  # fmt: skip
+
+
+def build(peer: str, a: dict[str, Any]) -> Callable[[], object]:
+    if peer == "optimum":
+        return optimum(a)
+    if peer.startswith("optimum_intel"):
+        return optimum_intel(a, static="static" in peer, precision="bf16" if "bf16" in peer else "f32")
+    return openvino_genai(a, static="static" in peer)
+
+
+def main() -> int:
+    t0 = time.perf_counter()
+    if len(sys.argv) != 3 or sys.argv[1] not in PEERS:
+        sys.exit(f"usage: bench_peers.py {{{','.join(PEERS)}}} JSON")
+    peer, a = sys.argv[1], json.loads(sys.argv[2])
+    run = build(peer, a)
+
+    def first() -> float:
+        run()
+        return time.perf_counter() - t0
+
+    print(json.dumps(timed_runs(first, a["repeats"], run)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
