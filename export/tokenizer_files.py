@@ -14,6 +14,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+from runtime.files import write_atomic
+
 VOCAB_SIZE = 49408
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
@@ -58,13 +60,12 @@ def write_clip_tokenizer_files(out_dir: Path, bpe_file: Path | None = None) -> P
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
     if len(vocab) != VOCAB_SIZE:
         raise ValueError(f"built a vocabulary of {len(vocab)} ids, expected {VOCAB_SIZE}")
+    # Atomic writes: the folder is a shared cache (~/.cache/sdrt), and another process (a second
+    # export, a parallel test worker) may be reading these files while this one rewrites them.
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "vocab.json").write_text(
-        json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False)
-    )
-    (out_dir / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
-    )
+    ids = {tok: i for i, tok in enumerate(vocab)}
+    write_atomic(out_dir / "vocab.json", json.dumps(ids, ensure_ascii=False))
+    write_atomic(out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     config = {
         "tokenizer_class": "CLIPTokenizer",
         "model_max_length": 77,
@@ -74,5 +75,5 @@ def write_clip_tokenizer_files(out_dir: Path, bpe_file: Path | None = None) -> P
         "pad_token": EOS,
         "do_lower_case": True,
     }
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
     return out_dir
