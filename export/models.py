@@ -212,6 +212,19 @@ def load_model(model: str, seed: int = DEFAULT_SEED, projection: Path | None = N
     return load_diffusers_folder(Path(model), projection)
 
 
+def load_bundle_model(bundle: Path) -> SDComponents:
+    """The PyTorch model a bundle was exported from (its manifest's `source`: preset + seed, or a
+    diffusers folder), for peers and references that must start from exactly the bundle's weights."""
+    from runtime.bundle import Bundle
+
+    source = Bundle.open(bundle).manifest.source
+    if source.get("kind") == "preset":
+        return load_model(str(source["preset"]), seed=int(source.get("seed") or 0))
+    if source.get("kind") == "diffusers_folder":
+        return load_model(str(source["path"]))
+    raise ValueError(f"{bundle}/manifest.json does not name the model it was exported from")
+
+
 def save_diffusers_folder(components: SDComponents, path: Path) -> Path:
     """Write components as a standard diffusers SD folder (with model_index.json), so the same
     random weights can be fed to other tools (Optimum's exporter) and to the folder loader."""

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 from bench_peers import PEERS, timed_runs
 
+from export.compare.cpu import BF16_FLAGS, cpu_flags, cpu_model
 from runtime.cli import size_argument
 
 # runtime engines: (backend, precision, static shapes) of the runtime's BackendConfig
@@ -51,7 +51,6 @@ RUNTIME_ENGINES = {
 ENGINES = (*RUNTIME_ENGINES, "diffusers_fp32", "diffusers_bf16", *PEERS)
 OV_PEERS = tuple(p for p in PEERS if p != "optimum")  # run from --ov-python on --ov-model
 INT8_PEERS = tuple(p for p in PEERS if "int8" in p)  # on --ov-int8-model
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # either gives native bf16 compute
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", *BF16_FLAGS, "amx_tile", "amx_int8")
 # The issue's targets, for the engine named by --ours (same run, same machine).
 # speedup_vs_diffusers_fp32: the issue's "i.e. >= 1.7x", derived from its own machine's figures.
@@ -66,18 +65,8 @@ TARGETS = {
 
 def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     """The CPU model and which of the flags that decide the fast paths it has (Linux)."""
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    return {"model": model, "cores": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS}}
+    flags = cpu_flags(cpuinfo)
+    return {"model": cpu_model(cpuinfo), "cores": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS}}
 
 
 def _skip_reason(engine: str, args: argparse.Namespace, cpu: dict[str, Any]) -> str | None:
@@ -196,13 +185,10 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
     import torch
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from export.models import load_model
-    from runtime.bundle import Bundle
+    from export.models import load_bundle_model
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    source = Bundle.open(args.bundle).manifest.source
-    model = source["preset"] if source["kind"] == "preset" else source["path"]
-    c = load_model(model, seed=source.get("seed", 0))
+    c = load_bundle_model(args.bundle)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
     pipe = StableDiffusionPipeline(
         vae=c.vae,

@@ -7,23 +7,20 @@ under a temp name, renamed into place; a folder already there is kept.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from export.models import load_model, save_diffusers_folder
+from export.models import load_bundle_model, save_diffusers_folder
 
 
 def main(bundle: Path, folder: Path) -> int:
     if (folder / "model_index.json").is_file():
         return 0
-    source = json.loads((bundle / "manifest.json").read_text())["source"]
-    model = source["preset"] if source["kind"] == "preset" else source["path"]
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_diffusers_folder(load_model(model, seed=source.get("seed") or 0), tmp)
+    save_diffusers_folder(load_bundle_model(bundle), tmp)
     os.replace(tmp, folder)
     return 0
 

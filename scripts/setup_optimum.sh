@@ -22,20 +22,7 @@ if [ ! -x .venv-optimum/bin/optimum-cli ]; then
   pip install "optimum==2.1.0" "optimum-onnx[onnxruntime]==0.1.0" "transformers==4.57.6" "diffusers==0.39.0"
 fi
 
-if [ ! -f "$folder/model_index.json" ]; then
-  .venv/bin/python - "$bundle" "$folder" <<'EOF'
-import json, os, shutil, sys
-from pathlib import Path
-from export.models import load_model, save_diffusers_folder
-bundle, folder = Path(sys.argv[1]), Path(sys.argv[2])
-source = json.loads((bundle / "manifest.json").read_text())["source"]
-model = source["preset"] if source["kind"] == "preset" else source["path"]
-tmp = folder.with_name(folder.name + ".tmp")
-shutil.rmtree(tmp, ignore_errors=True)
-save_diffusers_folder(load_model(model, seed=source.get("seed") or 0), tmp)
-os.replace(tmp, folder)
-EOF
-fi
+.venv/bin/python scripts/diffusers_folder.py "$bundle" "$folder"  # kept when already there
 
 if [ ! -f "$out/model_index.json" ]; then
   rm -rf "$out.tmp"

@@ -5,6 +5,7 @@ tests/test_runtime_e2e.py."""
 
 from __future__ import annotations
 
+import logging
 import mmap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -210,9 +211,11 @@ def test_load_failure_names_the_model(bundle_copy: Path) -> None:
     clip = bundle_copy / "clip.onnx"
     clip.write_bytes(b"x" * clip.stat().st_size)  # same size: passes open, fails the conversion
     backend = OvBackend(Bundle.open(bundle_copy, verify="off"), BackendConfig("openvino"))
+    root_level = logging.getLogger().level
     with pytest.raises(BackendError, match="could not convert clip to OpenVINO IR"):
         backend.run("clip", _feeds(Bundle.open(bundle_copy))["clip"])
     assert not any((bundle_copy / ".ov_cache").glob("clip.*"))  # nothing half-written left behind
+    assert logging.getLogger().level == root_level  # OpenVINO's converter sets ERROR on failure
 
 
 @needs_bf16

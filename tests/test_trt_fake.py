@@ -14,7 +14,6 @@ import ctypes
 import enum
 import hashlib
 import json
-import logging
 import sys
 import types
 from collections.abc import Callable
@@ -453,7 +452,6 @@ def test_the_graph_cache_is_bounded_and_drops_the_least_recently_used(backend, c
 
 
 def test_a_failed_capture_is_retried_later_not_given_up(backend, cuda, caplog):
-    caplog.set_level(logging.WARNING, logger="runtime.backends.tensorrt")
     cuda.fail["cudaStreamEndCapture"] = 1
     unet(backend, 2)
     assert "capture for" in caplog.text and not cuda.execs
@@ -495,7 +493,6 @@ def test_an_exception_inside_capture_still_ends_it(backend, cuda):
 
 
 def test_a_failed_replay_falls_back_to_a_plain_run(backend, cuda, caplog):
-    caplog.set_level(logging.WARNING, logger="runtime.backends.tensorrt")
     unet(backend, 2)
     cuda.fail["cudaGraphLaunch"] = 1
     unet(backend, 2)  # correct output all the same

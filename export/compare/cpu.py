@@ -3,6 +3,7 @@ running where bf16 has instructions (elsewhere it is emulated and takes many tim
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -18,6 +19,17 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
         if line.startswith(("flags", "Features")):  # x86 / arm64
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name ("AMD EPYC", ...); the platform's processor name where /proc lacks it."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def bf16_instructions(flags: frozenset[str] | None = None) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from export.compare import figures, torch_ref
+from export.compare.cpu import cpu_model
 from export.compare.metrics import image_metrics, latent_drift, tensor_metrics, to_uint8
 from export.compare.settings import COMPONENTS, PRESETS, STAGES, Settings, UsageError
 from export.compare.thresholds import Check, Thresholds, evaluate
@@ -382,13 +382,7 @@ def clip_score(
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    return f"{cpu_model()} ({os.cpu_count()} cores)"
 
 
 def packages() -> dict[str, str]:

@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 BF16_MODELS = frozenset({"unet", DEEPCACHE_FULL, DEEPCACHE_SHALLOW, "vae_decoder"})
 _HINT = {"fp32": "f32", "bf16": "bf16"}
 # One conversion at a time: each holds a whole fp32 graph in memory (3.4 GB for the SD 1.5 UNet),
-# and convert_model saves and restores the root logger's level, which two at once would garble.
+# and convert_model sets the root logger's level (restoring it only when it succeeds), which two at
+# once would garble.
 _CONVERT_LOCK = threading.Lock()
 
 
@@ -120,8 +121,12 @@ class OvBackend:
         ov = _openvino()
         tmp = ir.with_name(ir.stem + ".tmp.xml")
         try:
-            with _CONVERT_LOCK:
-                graph = ov.convert_model(str(self.bundle.root / self._source(model).file))
+            with _CONVERT_LOCK:  # the level is read inside: another conversion may have set it
+                root_level = logging.getLogger().level
+                try:
+                    graph = ov.convert_model(str(self.bundle.root / self._source(model).file))
+                finally:  # a failed conversion leaves the root logger at ERROR: every warning lost
+                    logging.getLogger().setLevel(root_level)
                 ov.save_model(graph, str(tmp), compress_to_fp16=self._model_precision(model) == "bf16")
                 del graph  # free its weights before the compile maps the IR's
             os.replace(tmp.with_suffix(".bin"), ir.with_suffix(".bin"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,42 +77,29 @@ class ServerOptions:
         allowed = [key for key in SERVER_KEYS if key not in exclude]
         refuse_unknown(values, allowed)
         v = {key: typed(key, value) for key, value in values.items()}
-        d, b, e, lim = cls(), BackendConfig(), EngineConfig(), Limits()
-        return cls(
-            bundle=v.get("bundle", d.bundle),
-            verify=v.get("verify", d.verify),
-            backend=BackendConfig(
-                backend=v.get("backend", b.backend),
-                device=v.get("device", b.device),
-                precision=v.get("precision", b.precision),
-                threads=v.get("threads", b.threads),
-                static_shapes=v.get("static_shapes", b.static_shapes),
-            ),
-            engine=EngineConfig(
-                workers=v.get("workers", e.workers),
-                max_queue=v.get("max_queue", e.max_queue),
-                max_batch=v.get("max_batch", e.max_batch),
-                max_wait_s=v["max_wait_ms"] / 1000 if "max_wait_ms" in v else e.max_wait_s,
-                warmup=not v.get("no_warmup", not e.warmup),
-            ),
-            limits=Limits(
-                max_steps=v.get("max_steps", lim.max_steps),
-                max_side=v.get("max_side", lim.max_side),
-                max_images=v.get("max_images", lim.max_images),
-                max_prompt_chars=v.get("max_prompt_chars", lim.max_prompt_chars),
-                max_body_bytes=v.get("max_body_bytes", lim.max_body_bytes),
-                timeout_s=v.get("timeout", lim.timeout_s),
-                read_timeout_s=v.get("read_timeout", lim.read_timeout_s),
-            ),
-            host=v.get("host", d.host),
-            port=v.get("port", d.port),
-            token=v.get("token", d.token),
-            model_name=v.get("model_name", d.model_name),
-            shutdown_grace_s=v.get("shutdown_grace", d.shutdown_grace_s),
-            log_level=v.get("log_level", d.log_level),
-            max_connections=v.get("max_connections", d.max_connections),
-            keep_alive_s=v.get("keep_alive", d.keep_alive_s),
+        if "max_wait_ms" in v:  # the flags' units and sense, as the dataclasses keep them
+            v["max_wait_s"] = v.pop("max_wait_ms") / 1000
+        if "no_warmup" in v:
+            v["warmup"] = not v.pop("no_warmup")
+        v = {_FIELD_NAMES.get(key, key): value for key, value in v.items()}
+
+        def given(default: Any) -> Any:
+            """`default` with the given values of its fields."""
+            return replace(default, **{f.name: v[f.name] for f in fields(default) if f.name in v})
+
+        d = cls()  # the flat key `backend` names BackendConfig.backend: the nested configs are set last
+        return replace(
+            given(d), backend=given(d.backend), engine=given(d.engine), limits=given(d.limits)
         )
+
+
+# Flat keys whose dataclass field is named otherwise (a unit suffix).
+_FIELD_NAMES = {
+    "timeout": "timeout_s",
+    "read_timeout": "read_timeout_s",
+    "shutdown_grace": "shutdown_grace_s",
+    "keep_alive": "keep_alive_s",
+}
 
 
 # Flat key -> (type, None allowed). The CLIs' flags are these with dashes: --max-wait-ms.
