@@ -1,7 +1,10 @@
 """`python -m export`: write (or reuse) an sdrt bundle directory.
 
 python -m export --model tiny|sd15|PATH [--seed N] [--projection DIR]
-                 [--deprojector CKPT|none] --out DIR [--precision fp32|fp16|both] [--deepcache] [--force]
+                 [--deprojector CKPT|none] --out DIR [--precision fp32|fp16|both] [--deepcache]
+                 [--int8 [--int8-scheme hybrid|full] [--int8-samples N] [--int8-size PX] [--int8-steps N]
+                         [--int8-vae]]
+                 [--force]
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from export.build import PRECISION_CHOICES, ExportOptions, export_bundle
+from export.int8 import SCHEMES, Int8Options, add_int8
 from export.models import DEFAULT_SEED, PRESETS
+from runtime.cli import positive_int
 
 _DIFFUSERS_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 
@@ -36,6 +41,30 @@ def _parser() -> argparse.ArgumentParser:
         "--deepcache",
         action="store_true",
         help="also write the step-caching UNets (`--cache-interval` at run time; one more UNet of files)",
+    )
+    int8 = p.add_argument_group("int8 UNet (OpenVINO; export/int8.py)")
+    int8.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write an int8 UNet (`--backend openvino --precision int8`), calibrated through the "
+        "bundle's own fp32 pipeline; added to an up-to-date bundle without re-exporting it",
+    )
+    defaults = Int8Options()
+    int8.add_argument("--int8-scheme", choices=SCHEMES, default=defaults.scheme, help="what is quantized")
+    int8.add_argument(
+        "--int8-samples", type=positive_int, default=defaults.samples, help="UNet calls that calibrate"
+    )
+    int8.add_argument(
+        "--int8-size", type=positive_int, default=defaults.size, help="calibration image side in pixels"
+    )
+    int8.add_argument(
+        "--int8-steps", type=positive_int, default=defaults.steps, help="denoising steps per caption"
+    )
+    int8.add_argument(
+        "--int8-vae",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.vae,
+        help='quantize the VAE decoder too (3x faster decoding, a larger image error: README "int8")',
     )
     p.add_argument("--force", action="store_true", help="re-export even if the bundle is up to date")
     return p
@@ -65,6 +94,8 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Expor
         )
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out must be a directory; {str(args.out)!r} is a file")
+    if args.precision == "fp16" and args.int8:
+        parser.error("--int8 quantizes the fp32 UNet: use --precision fp32 or both")
     return ExportOptions(
         model=args.model,
         out=args.out,
@@ -77,9 +108,26 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Expor
     )
 
 
+def _int8_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Int8Options | None:
+    if not args.int8:
+        return None
+    opts = Int8Options(
+        scheme=args.int8_scheme,
+        samples=args.int8_samples,
+        size=args.int8_size,
+        steps=args.int8_steps,
+        vae=args.int8_vae,
+    )
+    try:
+        return opts.validate()
+    except ValueError as exc:
+        parser.error(f"--int8-*: {exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    opts = _options(parser.parse_args(argv), parser)
+    args = parser.parse_args(argv)
+    opts, int8 = _options(args, parser), _int8_options(args, parser)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)  # the fp16 converter lists nodes at INFO
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
@@ -91,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
             f"bundle {result.out} written in {result.seconds:.1f} s, "
             f"peak RSS {result.peak_rss_bytes / 1e9:.2f} GB"
         )
+    if int8 is not None:
+        with logging_redirect_tqdm():
+            manifest = add_int8(opts.out, int8, force=opts.force)
+        for model, facts in manifest.export["int8"]["models"].items():
+            q = facts["quality"]
+            psnr = f", image PSNR >= {q['image_psnr_db_min']:.1f} dB" if "image_psnr_db_min" in q else ""
+            print(
+                f"int8 {model} in {opts.out} ({int8.scheme}): cosine to fp32 >= {q['cosine_min']:.5f}{psnr} "
+                f"on {q['holdout_calls']} held-out calls"
+            )
     for warning in result.manifest.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return 0

@@ -84,24 +84,19 @@ class Bundle:
         return self.manifest.models
 
     def graph(self, model: str, file_set: str, fused: bool = False) -> FileEntry:
-        """The manifest entry of `model` in `file_set` (fp32 / fp16); `fused`: prefer ORT's variant.
-
-        RequestError when the bundle was exported without that file set."""
+        """The manifest entry of `model` in `file_set` (fp32 / fp16 / int8); `fused`: prefer ORT's
+        variant. RequestError when the bundle was exported without that file set."""
         entry = self.models[model]
         if fused and file_set in entry.ort_files:
             return entry.ort_files[file_set]
         if file_set not in entry.files:
             have = ", ".join(sorted(entry.files)) or "none"
+            how = "--int8" if file_set == "int8" else f"--precision {file_set}"
             raise RequestError(
                 f"precision must be one the bundle has for {model} ({have}); got {file_set!r} "
-                f"(export it with `python -m export --precision {file_set}`)"
+                f"(add it with `python -m export --model MODEL --out BUNDLE {how}`)"
             )
         return entry.files[file_set]
-
-    def check_file_set(self, file_set: str) -> None:
-        """Fail now, not mid-generation, if any model lacks `file_set`."""
-        for model in self.models:
-            self.graph(model, file_set)
 
     @property
     def hidden_size(self) -> int:

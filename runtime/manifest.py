@@ -23,11 +23,13 @@
           "files": {"fp32": {"file": "unet.onnx", "sha256": "...", "bytes": 123,
                              "external_data": "unet.onnx.data" | null, "external_data_sha256": ...,
                              "external_data_bytes": ..., "trt_unsupported_ops": []},
-                    "fp16": {...}},
+                    "fp16": {...},
+                    "int8": {"file": "unet.int8.xml", "external_data": "unet.int8.bin", ...}},  # --int8
           "ort_files": {"fp32": {... "fused": {"MultiHeadAttention": 32}}}     # optional
         }
       },
-      "warnings": [...], "export": {"fingerprint": {...}, "stages": [...], ...}  # the exporter's record
+      "warnings": [...], "export": {"fingerprint": {...}, "stages": [...], ...,  # the exporter's record
+                                    "int8": {"calibration": {"sha256": ..., ...}, "models": {...}}}
     }
 
 Inputs and outputs stay float32 in every precision (the fp16 graphs cast inside), so a backend
@@ -37,7 +39,8 @@ CUDA prefers them, TensorRT and OpenVINO read `files`.
 
 Format 2 (this one) added the typed schema, full validation at open, and hashes of the tokenizer
 files; a format-1 bundle is refused with the re-export command. The step-caching graphs
-(`unet_deepcache_*`) are optional models added within format 2: older bundles still open.
+(`unet_deepcache_*`) are optional models added within format 2, and so is the int8 file set (an
+OpenVINO IR, export/int8.py): older bundles still open.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ FORMAT_VERSION = 2
 MODEL_NAMES = ("clip", "deprojector", "unet", "vae_decoder", DEEPCACHE_FULL, DEEPCACHE_SHALLOW)
 REQUIRED_MODELS = ("clip", "unet", "vae_decoder")
 OPTIONAL_MODELS = tuple(name for name in MODEL_NAMES if name not in REQUIRED_MODELS)
-FILE_SETS = ("fp32", "fp16")
+FILE_SETS = ("fp32", "fp16", "int8")  # int8: OpenVINO IR (export --int8), UNets and optionally the VAE
 REEXPORT = "re-export it with `python -m export --model MODEL --out BUNDLE`"
 
 T = TypeVar("T")

@@ -1,10 +1,13 @@
-"""End-to-end latency: the runtime (ONNX Runtime fp32, OpenVINO fp32 and bf16, each with dynamic or
-static shapes) vs diffusers (fp32, bf16) and the peers of scripts/bench_peers.py (Optimum ORT,
-optimum-intel OpenVINO, openvino-genai), on the same weights and workload.
+"""End-to-end latency: the runtime (ONNX Runtime fp32, OpenVINO fp32, bf16 and int8, each with
+dynamic or static shapes) vs diffusers (fp32, bf16) and the peers of scripts/bench_peers.py (Optimum
+ORT, optimum-intel OpenVINO fp32/bf16/hybrid int8, openvino-genai), on the same weights and workload
+(DDIM or DPM++ 2M; `--cache-interval N` adds step caching to the runtime engines, which only they have).
 
 Each engine runs in its own process, one after another, so peak RSS and time to first image are
 its own; a worker that outlives --timeout is killed and reported. Prints the CPU (model, flags), a
-table, the issue's targets as met / missed, and writes JSON. The runtime workers also measure their
+table, each approximation's image against its own exact path (ours vs ONNX Runtime fp32,
+optimum-intel int8 vs optimum-intel fp32: same latents), the issues' targets as met / missed, and
+writes JSON. The runtime workers also measure their
 own overhead: the wall time of each denoising step outside the UNet backend call, as a share of
 the step, and with static shapes the compile of each new shape.
 
@@ -16,7 +19,8 @@ the exported folder of the same weights by a setup script:
   --optimum-model BUNDLE-optimum
 - `bash scripts/setup_openvino_peers.sh BUNDLE`: --ov-python .venv-ovpeers/bin/python
   --ov-model BUNDLE-openvino
-A peer whose flags are not given is skipped with the reason, as are bf16 engines on a CPU without
+A peer whose flags are not given is skipped with the reason, as are the int8 engines on a bundle
+without its int8 UNet (`python -m export ... --int8`), and bf16 engines on a CPU without
 bf16 instructions (diffusers bf16 is then emulated and takes tens of minutes; --force-bf16 runs
 them anyway).
 """
@@ -47,10 +51,16 @@ RUNTIME_ENGINES = {
     "runtime_openvino_static": ("openvino", "fp32", True),
     "runtime_openvino_bf16": ("openvino", "bf16", False),
     "runtime_openvino_bf16_static": ("openvino", "bf16", True),
+    "runtime_openvino_int8": ("openvino", "int8", False),
+    "runtime_openvino_int8_static": ("openvino", "int8", True),
 }
+FP32_RUNTIMES = tuple(e for e, (_, precision, _) in RUNTIME_ENGINES.items() if precision == "fp32")
+INT8_RUNTIMES = tuple(e for e, (_, precision, _) in RUNTIME_ENGINES.items() if precision == "int8")
 ENGINES = (*RUNTIME_ENGINES, "diffusers_fp32", "diffusers_bf16", *PEERS)
 OV_PEERS = tuple(p for p in PEERS if p != "optimum")  # run from --ov-python on --ov-model
 INT8_PEERS = tuple(p for p in PEERS if "int8" in p)  # on --ov-int8-model
+FP32_PEERS = tuple(p for p in PEERS if "int8" not in p and "bf16" not in p)
+SCHEDULERS = ("ddim", "dpmpp_2m")
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", *BF16_FLAGS, "amx_tile", "amx_int8")
 # The issue's targets, for the engine named by --ours (same run, same machine).
 # speedup_vs_diffusers_fp32: the issue's "i.e. >= 1.7x", derived from its own machine's figures.
@@ -61,6 +71,16 @@ TARGETS = {
     "peak_rss_gib": 4.5,
     "step_overhead": 0.01,
 }
+# Issue #16, on a CPU without bf16 (same run): the fastest exact runtime engine no slower than the
+# fastest fp32 peer; int8 at most 0.75x of it, and faster than optimum-intel's int8 at equal or
+# better PSNR; with step caching (512x512, 25 DPM++ 2M steps, --cache-interval 3) at most 0.4x of
+# Optimum ORT fp32.
+TARGETS_16 = {
+    "fp32_vs_fp32_peer": 1.0,
+    "int8_vs_fp32_peer": 0.75,
+    "int8_vs_peer_int8": 1.0,
+    "cached_vs_optimum": 0.4,
+}
 
 
 def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
@@ -69,8 +89,18 @@ def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     return {"model": cpu_model(cpuinfo), "cores": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS}}
 
 
+def _has_int8(bundle: Path) -> bool:
+    from runtime.manifest import Manifest
+
+    return "int8" in Manifest.loads((bundle / "manifest.json").read_bytes()).models["unet"].files
+
+
 def _skip_reason(engine: str, args: argparse.Namespace, cpu: dict[str, Any]) -> str | None:
     """Why an engine is not run here (None: it runs)."""
+    if engine in INT8_RUNTIMES and not _has_int8(args.bundle):
+        return "the bundle has no int8 UNet (python -m export --model MODEL --out BUNDLE --int8)"
+    if engine.startswith("openvino_genai") and args.scheduler != "ddim":
+        return "this bench runs openvino-genai with DDIM only"
     if "bf16" in engine and not args.force_bf16 and not any(cpu["flags"][f] for f in BF16_FLAGS):
         return (
             "this CPU has no bf16 instructions (avx512_bf16 / amx_bf16): bf16 would be emulated, "
@@ -92,6 +122,7 @@ def worker_runtime(
     from runtime.bundle import Bundle
     from runtime.options import GenerateOptions
     from runtime.pipeline import Pipeline
+    from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
 
     class TimedBackend:
         """Counts the time spent inside backend calls, per model."""
@@ -127,18 +158,23 @@ def worker_runtime(
         seed=0,
         height=height,
         width=width,
-        scheduler="ddim",
+        scheduler=args.scheduler,
+        cache_interval=args.cache_interval,
     )
     overheads: list[float] = []
     images: list[np.ndarray] = []
 
+    def unet_seconds() -> float:
+        """Time inside the denoiser's calls so far: the UNet, or the step-caching pair."""
+        return sum(backend.seconds.get(m, 0.0) for m in ("unet", DEEPCACHE_FULL, DEEPCACHE_SHALLOW))
+
     def run() -> None:
         marks = [time.perf_counter()]
-        unet_at_marks = [backend.seconds.get("unet", 0.0)]
+        unet_at_marks = [unet_seconds()]
 
         def on_step(i: int, t: float, x: np.ndarray) -> None:
             marks.append(time.perf_counter())
-            unet_at_marks.append(backend.seconds.get("unet", 0.0))
+            unet_at_marks.append(unet_seconds())
 
         images.append(pipe.generate(options, on_step=on_step).images[0])
         # step k spans marks[k]..marks[k+1]; the first starts after the text stage, so skip it
@@ -168,22 +204,34 @@ def _image_path(report: Path, engine: str) -> Path:
     return report.with_name(f"{report.stem}.{engine}.npy")
 
 
+def _exact_twin(engine: str) -> str | None:
+    """Whose image an engine's is compared with: ONNX Runtime fp32 for the runtime's engines (same
+    latents), a peer's own fp32 run for its bf16/int8 ones (same generator seed)."""
+    if engine in RUNTIME_ENGINES:
+        return "runtime" if engine != "runtime" else None
+    if engine.startswith("optimum_intel_") and engine not in FP32_PEERS:
+        return "optimum_intel_static" if engine.endswith("_static") else "optimum_intel"
+    return None
+
+
 def _image_parity(report: Path, engines: list[str]) -> dict[str, dict[str, Any]]:
-    """Each runtime engine's image vs ONNX Runtime fp32's (same seed, same latents): the
-    tolerance a reduced precision costs, measured in the same run (the compare tool's metrics)."""
+    """Each approximate engine's image vs its exact twin's: the tolerance a reduced precision or
+    step caching costs, measured in the same run (the compare tool's metrics)."""
     from export.compare.metrics import image_metrics
 
-    reference = _image_path(report, "runtime")
-    if "runtime" not in engines or not reference.is_file():
-        return {}
-    base = np.load(reference)
-    others = [e for e in engines if e in RUNTIME_ENGINES and e != "runtime"]
-    return {e: image_metrics(np.load(p), base) for e in others if (p := _image_path(report, e)).is_file()}
+    out: dict[str, dict[str, Any]] = {}
+    for engine in engines:
+        twin = _exact_twin(engine)
+        mine = _image_path(report, engine)
+        if twin is None or not mine.is_file() or not _image_path(report, twin).is_file():
+            continue
+        out[engine] = {"vs": twin, **image_metrics(np.load(mine), np.load(_image_path(report, twin)))}
+    return out
 
 
 def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> dict[str, Any]:
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     from export.models import load_bundle_model
 
@@ -195,7 +243,11 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
         text_encoder=c.text_encoder,
         tokenizer=c.tokenizer(),
         unet=c.unet,
-        scheduler=DDIMScheduler.from_config(c.scheduler_config),
+        scheduler=DPMSolverMultistepScheduler.from_config(
+            c.scheduler_config, algorithm_type="dpmsolver++", solver_order=2
+        )
+        if args.scheduler == "dpmpp_2m"
+        else DDIMScheduler.from_config(c.scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -237,6 +289,8 @@ def _peer_command(engine: str, args: argparse.Namespace) -> list[str]:
         "height": args.size[1],
         "repeats": args.repeats,
         "threads": args.threads,
+        "scheduler": args.scheduler,
+        "image": str(_image_path(args.json, engine)),
     }
     return [str(python), str(Path(__file__).with_name("bench_peers.py")), engine, json.dumps(payload)]
 
@@ -304,8 +358,45 @@ def _print_table(results: dict[str, Any], ours: str | None) -> None:
             print(f"{name}: static {c['model']} {state} for its shape in {c['seconds']:.2f} s (first image)")
 
 
+def _fastest(results: dict[str, Any], engines: tuple[str, ...]) -> str | None:
+    ran = [e for e in engines if "median_s" in results.get(e, {})]
+    return min(ran, key=lambda e: results[e]["median_s"]) if ran else None
+
+
+def _targets_16(
+    results: dict[str, Any], parity: dict[str, dict[str, Any]], cache_interval: int
+) -> dict[str, dict[str, Any]]:
+    """Issue #16's targets, from the engines that ran: value, limit, met, and what was compared."""
+    out: dict[str, dict[str, Any]] = {}
+
+    def ratio(name: str, ours: str | None, theirs: str | None, **psnr: float) -> None:
+        """ours / theirs <= the limit; with PSNRs, ours must also be at least the peer's."""
+        if ours and theirs:
+            value = results[ours]["median_s"] / results[theirs]["median_s"]
+            limit = TARGETS_16[name]
+            met = value <= limit and (not psnr or psnr["psnr_db"] >= psnr["peer_psnr_db"])
+            out[name] = {"value": value, "limit": limit, "met": met, "ours": ours, "theirs": theirs, **psnr}
+
+    peer = _fastest(results, FP32_PEERS)
+    if cache_interval > 1:
+        ratio(
+            "cached_vs_optimum",
+            _fastest_runtime(results),
+            "optimum" if "median_s" in results.get("optimum", {}) else None,
+        )
+        return out
+    ratio("fp32_vs_fp32_peer", _fastest(results, FP32_RUNTIMES), peer)
+    int8 = _fastest(results, INT8_RUNTIMES)
+    ratio("int8_vs_fp32_peer", int8, peer)
+    peer_int8 = _fastest(results, INT8_PEERS)
+    if int8 and peer_int8 and int8 in parity and peer_int8 in parity:
+        psnr = {"psnr_db": parity[int8]["psnr_db"], "peer_psnr_db": parity[peer_int8]["psnr_db"]}
+        ratio("int8_vs_peer_int8", int8, peer_int8, **psnr)
+    return out
+
+
 def _targets(results: dict[str, Any], ours: str) -> dict[str, dict[str, Any]]:
-    """The issue's targets for `ours`: value, limit, met. Ratios only against engines that ran."""
+    """The earlier issue's targets for `ours`: value, limit, met. Ratios only against engines that ran."""
     r = results[ours]
     out: dict[str, dict[str, Any]] = {}
 
@@ -329,6 +420,10 @@ def main() -> int:
     p.add_argument("--prompt", default="cat maid")
     p.add_argument("--size", type=size_argument, default=(256, 256))
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument(
+        "--cache-interval", type=int, default=1, help="step caching for the runtime engines (1 = off)"
+    )
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -366,6 +461,8 @@ def main() -> int:
         p.error("--optimum-python and --optimum-model go together")
     if bool(args.ov_python) != bool(args.ov_model):
         p.error("--ov-python and --ov-model go together")
+    if args.cache_interval < 1:
+        p.error(f"--cache-interval must be >= 1; got {args.cache_interval}")
     if args.timeout <= 0:
         p.error(f"--timeout must be > 0 seconds; got {args.timeout:g}")
     if args.ours is not None and args.ours not in set(engines) & set(RUNTIME_ENGINES):
@@ -380,7 +477,8 @@ def main() -> int:
         "size": list(args.size),
         "steps": args.steps,
         "guidance": args.guidance,
-        "scheduler": "ddim",
+        "scheduler": args.scheduler,
+        "cache_interval": args.cache_interval,
         "repeats": args.repeats,
         "bundle": str(args.bundle),
         "threads": args.threads,
@@ -407,8 +505,14 @@ def main() -> int:
     targets = _targets(results, ours) if ours else {}
     parity = _image_parity(args.json, engines)
     for name, q in parity.items():
-        max_diff, psnr = q["max_pixel_diff"], q["psnr_db"]
-        print(f"{name} image vs runtime (onnxruntime fp32): max {max_diff}/255, {psnr:.1f} dB")
+        max_diff, psnr, twin = q["max_pixel_diff"], q["psnr_db"], q["vs"]
+        print(f"{name} image vs {twin}: max {max_diff}/255, {psnr:.1f} dB")
+    targets_16 = _targets_16(results, parity, args.cache_interval)
+    for name, t in targets_16.items():
+        verdict = "met" if t["met"] else "MISSED"
+        psnr = f", PSNR {t['psnr_db']:.1f} vs {t['peer_psnr_db']:.1f} dB" if "psnr_db" in t else ""
+        pair = f"{t['ours']} / {t['theirs']} = {t['value']:.3f}"
+        print(f"target #16 {name}: {pair} (limit {t['limit']:g}{psnr}) {verdict}")
     for name, t in targets.items():
         verdict = "met" if t["met"] else "MISSED"
         print(f"target {name}: {t['value']:.3f} (limit {t['limit']:g}) {verdict}")
@@ -417,6 +521,7 @@ def main() -> int:
         "workload": workload,
         "ours": ours,
         "targets": targets,
+        "targets_16": targets_16,
         "image_parity": parity,
         "results": results,
     }

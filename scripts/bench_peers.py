@@ -3,9 +3,11 @@
     PEER_PYTHON scripts/bench_peers.py PEER '{"model": ..., "prompt": ..., "steps": ..., ...}'
 
 prints one JSON line: the same timings as the runtime's workers (`timed_runs`, shared with
-bench_e2e.py). Only numpy is imported here at module level, so any peer venv can run it; each peer
-imports its own library. Peers (all with the DDIM scheduler, the bench's prompt, size, steps,
-guidance):
+bench_e2e.py), and with "image" in the payload saves the last image there (.npy, uint8 HWC; the
+diffusers-based peers use a generator seeded 0, so a peer's fp32 and int8 runs start from the same
+latents and their images compare). Only numpy is imported here at module level, so any peer venv
+can run it; each peer imports its own library. Peers (all with the bench's scheduler, DDIM or
+DPM++ 2M, and its prompt, size, steps, guidance):
 - optimum: Optimum's ORTStableDiffusionPipeline (ONNX Runtime, fp32), from `optimum-cli export onnx`
 - optimum_intel[_bf16|_int8][_static]: optimum-intel's OVStableDiffusionPipeline, dynamic shapes
   or `reshape`d to the request (static), computed in fp32 (INFERENCE_PRECISION_HINT f32: on a bf16
@@ -66,36 +68,56 @@ def ov_properties(a: dict[str, Any], precision: str) -> dict[str, Any]:
     return props
 
 
+def _scheduler(a: dict[str, Any], config: Any) -> Any:
+    """The bench's scheduler as diffusers builds it (runtime.schedulers' parity twins)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    if a.get("scheduler", "ddim") == "dpmpp_2m":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
+    return DDIMScheduler.from_config(config)
+
+
+def _diffusers_call(pipe: Any, a: dict[str, Any]) -> Callable[[], object]:
+    """One image from a diffusers-style pipeline, from latents seeded 0; kept for "image"."""
+    import torch
+
+    def run() -> np.ndarray:
+        image = pipe(a["prompt"], num_inference_steps=a["steps"], guidance_scale=a["guidance"],
+                     height=a["height"], width=a["width"], output_type="np",
+                     generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+        return np.clip(np.round(np.asarray(image) * 255), 0, 255).astype(np.uint8)
+
+    return run
+
+
 def optimum(a: dict[str, Any]) -> Callable[[], object]:
-    from diffusers import DDIMScheduler
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
     pipe = ORTStableDiffusionPipeline.from_pretrained(a["model"])
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = _scheduler(a, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return lambda: pipe(a["prompt"], num_inference_steps=a["steps"], guidance_scale=a["guidance"],
-                        height=a["height"], width=a["width"], output_type="np")  # fmt: skip
+    return _diffusers_call(pipe, a)
 
 
 def optimum_intel(a: dict[str, Any], static: bool, precision: str) -> Callable[[], object]:
-    from diffusers import DDIMScheduler
     from optimum.intel import OVStableDiffusionPipeline
 
     pipe = OVStableDiffusionPipeline.from_pretrained(
         a["model"], ov_config=ov_properties(a, precision), compile=False
     )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = _scheduler(a, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if static:
         pipe.reshape(batch_size=1, height=a["height"], width=a["width"], num_images_per_prompt=1)
     pipe.compile()
-    return lambda: pipe(a["prompt"], num_inference_steps=a["steps"], guidance_scale=a["guidance"],
-                        height=a["height"], width=a["width"], output_type="np")  # fmt: skip
+    return _diffusers_call(pipe, a)
 
 
 def openvino_genai(a: dict[str, Any], static: bool) -> Callable[[], object]:
     import openvino_genai as ov_genai
 
+    if a.get("scheduler", "ddim") != "ddim":
+        raise SystemExit("openvino_genai: this bench runs it with DDIM only")
     pipe = ov_genai.Text2ImagePipeline(a["model"])
     config = f"{a['model']}/scheduler/scheduler_config.json"
     pipe.set_scheduler(ov_genai.Scheduler.from_config(config, ov_genai.Scheduler.Type.DDIM))
@@ -119,13 +141,20 @@ def main() -> int:
     if len(sys.argv) != 3 or sys.argv[1] not in PEERS:
         sys.exit(f"usage: bench_peers.py {{{','.join(PEERS)}}} JSON")
     peer, a = sys.argv[1], json.loads(sys.argv[2])
-    run = build(peer, a)
+    build_run = build(peer, a)
+    images: list[object] = []
+
+    def run() -> None:
+        images.append(build_run())
 
     def first() -> float:
         run()
         return time.perf_counter() - t0
 
-    print(json.dumps(timed_runs(first, a["repeats"], run)))
+    result = timed_runs(first, a["repeats"], run)
+    if a.get("image") and isinstance(images[-1], np.ndarray):
+        np.save(a["image"], images[-1])
+    print(json.dumps(result))
     return 0
 
 

@@ -8,7 +8,7 @@
 # A stamp of pyproject.toml + this script + the extras skips pip when nothing changed since.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras=${SDRT_EXTRAS:-cpu,openvino,export,test,compare,serve,ray}
+extras=${SDRT_EXTRAS:-cpu,openvino,int8,export,test,compare,serve,ray}
 if [ ! -x .venv/bin/python ]; then
   if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
     minor=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")' 2>/dev/null || echo 3)

@@ -209,3 +209,24 @@ def write_fake_bundle(root: Path, seed: int = 0, deprojector: bool = True) -> Pa
     )
     (root / "manifest.json").write_text(manifest.dumps())
     return root
+
+
+def add_ir_file_set(root: Path, model: str = "unet", file_set: str = "int8") -> Path:
+    """Give `model` a file set as OpenVINO IR, the way `export --int8` stores its int8 UNet: here the
+    fp32 graph converted as is (nothing quantized), to test the runtime's handling of IR file sets
+    without NNCF. Needs openvino. Returns the IR's path."""
+    from dataclasses import replace
+
+    import openvino as ov
+
+    manifest = Manifest.loads((root / "manifest.json").read_bytes())
+    entry = manifest.models[model]
+    xml = root / f"{model}.{file_set}.xml"
+    ov.save_model(ov.convert_model(str(root / entry.files["fp32"].file)), str(xml), compress_to_fp16=False)
+    bin_ = xml.with_suffix(".bin")
+    ir = FileEntry(
+        xml.name, sha256_file(xml), xml.stat().st_size, bin_.name, sha256_file(bin_), bin_.stat().st_size
+    )
+    models = {**manifest.models, model: replace(entry, files={**entry.files, file_set: ir})}
+    (root / "manifest.json").write_text(replace(manifest, models=models).dumps())
+    return xml

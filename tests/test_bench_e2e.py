@@ -85,7 +85,8 @@ def test_cpu_info_reads_model_and_flags(bench: ModuleType, tmp_path: Path) -> No
 
 
 def _args(**overrides: object) -> argparse.Namespace:
-    base = {"force_bf16": False, "optimum_python": None, "ov_python": None, "ov_int8_model": None}
+    base = {"force_bf16": False, "optimum_python": None, "ov_python": None, "ov_int8_model": None,
+            "scheduler": "ddim", "cache_interval": 1, "bundle": None}  # fmt: skip
     return argparse.Namespace(**{**base, **overrides})
 
 
@@ -106,6 +107,54 @@ def test_bf16_engines_and_unset_peers_are_skipped_with_a_reason(bench: ModuleTyp
     assert "--ov-int8-model" in bench._skip_reason("optimum_intel_int8_static", int8, has_bf16)
     int8.ov_int8_model = Path("folder")
     assert bench._skip_reason("optimum_intel_int8_static", int8, has_bf16) is None
+
+
+def test_int8_and_genai_skips_name_the_cause(bench: ModuleType, fake_bundle_copy: Path) -> None:
+    pytest.importorskip("openvino")
+    from tests.fake_bundle import add_ir_file_set
+
+    cpu = {"flags": dict.fromkeys(bench.CPU_FLAGS, False)}
+    without = _args(bundle=fake_bundle_copy)
+    assert "--int8" in bench._skip_reason("runtime_openvino_int8", without, cpu)
+    add_ir_file_set(fake_bundle_copy)
+    assert bench._skip_reason("runtime_openvino_int8_static", without, cpu) is None
+    dpm = _args(bundle=fake_bundle_copy, ov_python=Path("python"), scheduler="dpmpp_2m")
+    assert "DDIM only" in bench._skip_reason("openvino_genai_static", dpm, cpu)
+    assert bench._skip_reason("optimum_intel", dpm, cpu) is None
+
+
+def test_issue_16_targets_compare_the_right_engines(bench: ModuleType) -> None:
+    results = {
+        "runtime": {"median_s": 30.0},
+        "runtime_openvino_static": {"median_s": 20.0},
+        "runtime_openvino_int8": {"median_s": 9.0},
+        "runtime_openvino_int8_static": {"median_s": 8.0},
+        "optimum": {"median_s": 28.0},
+        "optimum_intel_static": {"median_s": 21.0},
+        "optimum_intel_int8_static": {"median_s": 11.0},
+        "openvino_genai": {"error": "failed"},
+    }
+    parity = {
+        "runtime_openvino_int8_static": {"psnr_db": 33.0},
+        "optimum_intel_int8_static": {"psnr_db": 34.0},
+    }
+    t = bench._targets_16(results, parity, cache_interval=1)
+    assert (t["fp32_vs_fp32_peer"]["ours"], t["fp32_vs_fp32_peer"]["theirs"]) == (
+        "runtime_openvino_static",
+        "optimum_intel_static",
+    )
+    assert t["fp32_vs_fp32_peer"]["value"] == pytest.approx(20 / 21) and t["fp32_vs_fp32_peer"]["met"]
+    assert t["int8_vs_fp32_peer"]["value"] == pytest.approx(8 / 21) and t["int8_vs_fp32_peer"]["met"]
+    peer_int8 = t["int8_vs_peer_int8"]
+    assert peer_int8["value"] == pytest.approx(8 / 11)
+    assert not peer_int8["met"]  # faster, but 1 dB further from its exact twin than the peer's int8
+    cached = bench._targets_16(results, parity, cache_interval=3)
+    assert list(cached) == ["cached_vs_optimum"]
+    assert (
+        cached["cached_vs_optimum"]["value"] == pytest.approx(8 / 28) and cached["cached_vs_optimum"]["met"]
+    )
+    assert bench._exact_twin("optimum_intel_int8_static") == "optimum_intel_static"
+    assert bench._exact_twin("runtime_openvino_int8") == "runtime" and bench._exact_twin("runtime") is None
 
 
 def test_a_worker_past_its_timeout_is_killed_and_reported(bench: ModuleType) -> None:

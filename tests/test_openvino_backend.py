@@ -23,6 +23,7 @@ from runtime.backends.openvino import OvBackend, cpu_has_bf16  # noqa: E402
 from runtime.bundle import Bundle  # noqa: E402
 from runtime.errors import RequestError  # noqa: E402
 from runtime.generate import main as generate_main  # noqa: E402
+from runtime.integrity import IntegrityError  # noqa: E402
 from runtime.options import GenerateOptions  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 
@@ -188,7 +189,7 @@ def test_backend_runs_and_releases_weights(bundle_copy: Path) -> None:
 
 def test_errors_name_the_parameter(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = Bundle.open(fake_bundle)
-    with pytest.raises(RequestError, match="precision must be fp32 or bf16 for backend openvino; got 'fp16'"):
+    with pytest.raises(RequestError, match="must be fp32 or bf16 or int8 for backend openvino; got 'fp16'"):
         OvBackend(bundle, BackendConfig("openvino", precision="fp16"))
     with pytest.raises(RequestError, match="bf16 needs backend openvino"):
         open_backend(bundle, BackendConfig(precision="bf16"))
@@ -227,3 +228,40 @@ def test_cli_writes_png_with_backend_and_precision(tiny_bundle: Path, tmp_path: 
             "--steps", "3", "--out", str(out)]  # fmt: skip
     assert generate_main(argv) == 0
     assert "Backend: openvino/bf16" in Image.open(out).info["parameters"]
+
+
+INT8 = BackendConfig("openvino", precision="int8")
+
+
+def test_int8_runs_the_bundles_ir_and_the_rest_in_fp32(fake_bundle_copy: Path) -> None:
+    from tests.fake_bundle import add_ir_file_set
+
+    add_ir_file_set(fake_bundle_copy)  # the fp32 UNet as IR: int8 must then equal fp32 exactly
+    bundle = Bundle.open(fake_bundle_copy)
+    feeds = _feeds(bundle)
+    int8, fp32 = OvBackend(bundle, INT8), OvBackend(bundle, FP32)
+    for model, inputs in feeds.items():
+        for name, out in int8.run(model, inputs).items():
+            np.testing.assert_allclose(out, fp32.run(model, inputs)[name], rtol=1e-5, atol=1e-5)
+    # the UNet compiled straight from the bundle's IR: nothing converted or cached for it
+    assert not list((fake_bundle_copy / ".ov_cache").glob("unet.int8.*"))
+    assert int8._mapped["unet"] == [fake_bundle_copy / "unet.int8.bin"]
+
+
+def test_int8_refusals_name_the_cause(fake_bundle: Path) -> None:
+    with pytest.raises(RequestError, match=r"bundle has for unet \(fp16, fp32\); got 'int8'.*--int8"):
+        OvBackend(Bundle.open(fake_bundle), INT8)  # exported without --int8
+    with pytest.raises(RequestError, match="must be fp32 or fp16 for backend onnxruntime; got 'int8'"):
+        open_backend(Bundle.open(fake_bundle), BackendConfig(precision="int8"))
+
+
+def test_int8_ir_is_verified_like_every_bundle_file(fake_bundle_copy: Path) -> None:
+    from tests.fake_bundle import add_ir_file_set
+
+    weights = add_ir_file_set(fake_bundle_copy).with_suffix(".bin")
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, different content
+    weights.write_bytes(bytes(data))
+    backend = OvBackend(Bundle.open(fake_bundle_copy, verify="full"), INT8)
+    with pytest.raises(IntegrityError, match="unet.int8.bin"):
+        backend.run("unet", _feeds(Bundle.open(fake_bundle_copy, verify="off"))["unet"])

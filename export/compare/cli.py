@@ -20,7 +20,7 @@ from export.compare.cpu import BF16_FLAGS, bf16_instructions
 from export.compare.settings import PRESETS, Settings, UsageError
 from export.compare.thresholds import DEFAULTS, Thresholds
 from runtime.backends import PRECISIONS, BackendConfig
-from runtime.backends.config import THREADED
+from runtime.backends.config import THREADED, check_bundle_precision
 from runtime.bundle import Bundle
 from runtime.cli import positive_int, size_argument
 from runtime.errors import RequestError, SetupError
@@ -101,7 +101,7 @@ def parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         help="what the runtime runs (default: fp32 on onnxruntime and openvino, fp16 on tensorrt); "
-        "bf16: the fp32 files computed in bf16, openvino only",
+        "bf16: the fp32 files computed in bf16, openvino only; int8: the bundle's int8 UNet, openvino only",
     )
     p.add_argument(
         "--size", type=size_argument, help="WIDTHxHEIGHT in pixels (default: the bundle's preferred size)"
@@ -200,11 +200,11 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
     try:
         threads = args.threads if args.backend in THREADED else None
         backend = BackendConfig(args.backend, precision=args.precision, threads=threads).validate()
-        bundle.check_file_set(backend.files)
+        assert backend.precision is not None
+        precision = backend.precision
+        check_bundle_precision(bundle, precision)
     except RequestError as exc:
         raise UsageError(f"--precision/--threads: {exc}") from None
-    assert backend.precision is not None
-    precision = backend.precision
     if importlib.util.find_spec(BACKEND_MODULES[args.backend]) is None:
         raise UsageError(
             f"--backend {args.backend}: the {BACKEND_MODULES[args.backend]} package is not installed"

@@ -44,6 +44,10 @@ DEFAULTS: dict[str, Thresholds] = {
     # Measured vs fp32 on random weights: one sd15-shaped UNet call cosine 0.9986; images at
     # 256x256 / 10 DDIM steps 47.8 dB (max 6/255), tiny 48.7-50.9 dB over four schedulers.
     "bf16": Thresholds(min_cosine=0.99, max_abs=dict.fromkeys(COMPONENTS), min_psnr=35.0),
+    # int8 (OpenVINO; the UNet post-training quantized by export/int8.py, the rest fp32): the gates
+    # of issue #16, UNet-call cosine >= 0.99 and image PSNR >= 30 dB vs the exact path. Measured
+    # figures: README "int8".
+    "int8": Thresholds(min_cosine=0.99, max_abs=dict.fromkeys(COMPONENTS), min_psnr=30.0),
 }
 
 

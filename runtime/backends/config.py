@@ -10,22 +10,42 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from runtime.bundle import Bundle
 from runtime.errors import RequestError
 
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 # fp32 / fp16: which of the bundle's files runs. bf16: the fp32 files, computed in bf16 (openvino).
-PRECISIONS = ("fp32", "fp16", "bf16")
+# int8: the bundle's post-training-quantized models (`python -m export --int8`), the rest fp32 (openvino).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # Per backend: the devices it runs on (first = default) and the precisions (first = default).
 DEVICES = {"onnxruntime": ("cpu", "cuda", "tensorrt"), "openvino": ("cpu",), "tensorrt": ("cuda",)}
-BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp16",)}
+BACKEND_PRECISIONS = {
+    "onnxruntime": ("fp32", "fp16"),
+    "openvino": ("fp32", "bf16", "int8"),
+    "tensorrt": ("fp16",),
+}
 # Settings that mean something to one backend only.
 THREADED = ("onnxruntime", "openvino")  # intra-op CPU threads
 STATIC = {"onnxruntime": ("cpu",), "openvino": ("cpu",)}  # static_shapes: backend -> its devices
+# int8 files are written for the UNet (always: the precision means it) and, by the exporter's
+# choice, the other UNet graphs and the VAE decoder; a model without them runs its fp32 files.
+INT8_REQUIRED = "unet"
 
 
-def bundle_files(precision: str) -> str:
-    """Which of a bundle's file sets a precision runs from (bf16 computes from the fp32 files)."""
-    return "fp32" if precision == "bf16" else precision
+def bundle_files(precision: str, model: str, bundle: Bundle) -> str:
+    """Which of a bundle's file sets a precision runs `model` from: bf16 computes from the fp32
+    files; int8 runs the int8 files where the bundle has them (export --int8 lists which), else fp32."""
+    if precision == "bf16" or (precision == "int8" and "int8" not in bundle.models[model].files):
+        return "fp32"
+    return precision
+
+
+def check_bundle_precision(bundle: Bundle, precision: str) -> None:
+    """Fail now, not mid-generation, if the bundle lacks the files a precision runs."""
+    if precision == "int8":
+        bundle.graph(INT8_REQUIRED, "int8")
+    for model in bundle.models:
+        bundle.graph(model, bundle_files(precision, model, bundle))
 
 
 @dataclass(frozen=True)
@@ -54,7 +74,7 @@ class BackendConfig:
                 f"device must be {' or '.join(devices)} for backend {self.backend}; got {device!r}"
             )
         if precision not in precisions:
-            hint = "; bf16 needs backend openvino" if precision == "bf16" else ""
+            hint = f"; {precision} needs backend openvino" if precision in ("bf16", "int8") else ""
             raise RequestError(
                 f"precision must be {' or '.join(precisions)} for backend {self.backend}; "
                 f"got {precision!r}{hint}"
@@ -73,9 +93,3 @@ class BackendConfig:
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, int) or self.device_id < 0:
             raise RequestError(f"device_id must be an integer >= 0; got {self.device_id!r}")
         return replace(self, device=device, precision=precision)
-
-    @property
-    def files(self) -> str:
-        """The bundle file set this config runs (validated configs only)."""
-        assert self.precision is not None, "validate() first"
-        return bundle_files(self.precision)

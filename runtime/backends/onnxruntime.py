@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.backends.base import BackendError
-from runtime.backends.config import BackendConfig
+from runtime.backends.config import BackendConfig, check_bundle_precision
 from runtime.backends.loading import (
     BackgroundLoads,
     ShapeCache,
@@ -96,7 +96,7 @@ class OrtBackend:
                 f"device {config.device!r} needs {_PROVIDERS[config.device][0]}, which this onnxruntime "
                 f"lacks (available: {', '.join(available)}); {_GPU_ADVICE}, or use device 'cpu'"
             )
-        bundle.check_file_set(config.precision)  # fail now, not mid-generation
+        check_bundle_precision(bundle, config.precision)  # fail now, not mid-generation
         if config.device != "cpu":
             preload_cuda_libraries()
         self.bundle, self.config, self.tf32 = bundle, config, tf32

@@ -1,10 +1,12 @@
-"""OpenVINO backend (CPU): the bundle's fp32 ONNX graphs, computed in fp32 or in bf16.
+"""OpenVINO backend (CPU): the bundle's fp32 ONNX graphs, computed in fp32 or in bf16, or its int8 UNet.
 
 Why a second CPU engine: on processors with bf16 instructions (AVX512_BF16, AMX) OpenVINO's bf16
 kernels run the SD 1.5 UNet about twice as fast as fp32 ONNX Runtime, and its fp32 kernels are
 faster too. Precision "bf16" computes the UNet and the VAE decoder in bf16 (~99 % of the time);
 CLIP and the deprojector stay fp32, since their errors would reach every later step for ~1 % of
-the time. "fp32" matches ONNX Runtime to float rounding.
+the time. "fp32" matches ONNX Runtime to float rounding. "int8" runs the bundle's int8 models
+(OpenVINO IR written by `python -m export --int8`, see export/int8.py: the UNet, and as exported the
+step-caching pair and the VAE decoder) with their remaining ops in fp32, and every other model in fp32.
 
 Each ONNX graph is converted once to OpenVINO IR and cached beside the bundle (`.ov_cache/`), keyed
 by model, precision, OpenVINO version and the source's sha256. OpenVINO memory-maps an IR's
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import BackendError
-from runtime.backends.config import BackendConfig, bundle_files
+from runtime.backends.config import BackendConfig, bundle_files, check_bundle_precision
 from runtime.backends.loading import (
     BackgroundLoads,
     ShapeCache,
@@ -51,7 +53,7 @@ log = logging.getLogger(__name__)
 
 # Where the time goes (the UNet and its step-caching halves, the VAE decoder); the rest stays fp32.
 BF16_MODELS = frozenset({"unet", DEEPCACHE_FULL, DEEPCACHE_SHALLOW, "vae_decoder"})
-_HINT = {"fp32": "f32", "bf16": "bf16"}
+_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the ops left unquantized in fp32
 # One conversion at a time: each holds a whole fp32 graph in memory (3.4 GB for the SD 1.5 UNet),
 # and convert_model sets the root logger's level (restoring it only when it succeeds), which two at
 # once would garble.
@@ -85,7 +87,7 @@ class OvBackend:
                 "precision bf16 needs a CPU with bf16 instructions (AVX512_BF16 or AMX), which this one "
                 "lacks; use precision fp32"
             )
-        bundle.check_file_set(bundle_files(precision))  # fail now, not mid-generation
+        check_bundle_precision(bundle, precision)  # fail now, not mid-generation
         self.bundle, self.config, self.precision = bundle, config, precision
         self.threads, self.cache_ir = config.threads, config.cache_graphs
         self._core = ov.Core()
@@ -101,20 +103,28 @@ class OvBackend:
         self._shapes_seen: set[tuple[object, ...]] = set()
 
     def _model_precision(self, model: str) -> str:
-        return self.precision if model in BF16_MODELS else "fp32"
+        if self.precision == "bf16":
+            return "bf16" if model in BF16_MODELS else "fp32"
+        return bundle_files(self.precision, model, self.bundle)
 
     def _source(self, model: str) -> FileEntry:
-        """The standard fp32 graph (OpenVINO fuses attention itself)."""
-        return self.bundle.graph(model, "fp32")
+        """The standard fp32 graph (OpenVINO fuses attention itself), or the bundle's int8 IR."""
+        return self.bundle.graph(model, bundle_files(self.precision, model, self.bundle))
+
+    def _bundle_ir(self, model: str) -> bool:
+        """Whether the bundle holds this model as OpenVINO IR already (int8): nothing to convert."""
+        return self._source(model).file.endswith(".xml")
 
     def _ir_path(self, model: str) -> Path:
         key = [model, self._model_precision(model), f"ov{self._version}"]
         return derived_path(self.bundle, ".ov_cache", key, self._source(model).sha256, ".xml")
 
     def _load_path(self, model: str) -> Path:
-        """What a compile reads: the cached IR when there is one, else the ONNX graph."""
+        """What a compile reads: the bundle's IR, the cached IR when there is one, else the ONNX graph."""
         ir = self._ir_path(model)
-        return ir if self.cache_ir and ir.is_file() else self.bundle.root / self._source(model).file
+        if self._bundle_ir(model) or not (self.cache_ir and ir.is_file()):
+            return self.bundle.root / self._source(model).file
+        return ir
 
     def _write_ir(self, model: str, ir: Path) -> None:
         """ONNX -> IR under temp names, renamed into place (.bin first: an .xml means complete)."""
@@ -139,6 +149,8 @@ class OvBackend:
         """Verify the source, write its IR if the cache lacks it; the path a compile reads."""
         self.bundle.verified_path(self._source(model))  # even when the IR cache is used
         ir = self._ir_path(model)
+        if self._bundle_ir(model):
+            return self._load_path(model)
         if self.cache_ir and not cache_intact(self.bundle, ir) and writable(ir.parent):
             try:
                 self._write_ir(model, ir)
@@ -160,10 +172,11 @@ class OvBackend:
         return config
 
     def _remember_mapped(self, model: str, path: Path) -> None:
-        """What a compiled model keeps mapped: the IR's .bin, or the ONNX graph and its data."""
-        ir = self._ir_path(model)
-        mapped = [ir.with_suffix(".bin")] if path == ir else [path, path.with_name(path.name + ".data")]
-        self._mapped[model] = mapped
+        """What a compiled model keeps mapped: an IR's .bin, or the ONNX graph and its data."""
+        ir = path.suffix == ".xml"
+        self._mapped[model] = (
+            [path.with_suffix(".bin")] if ir else [path, path.with_name(path.name + ".data")]
+        )
 
     def _compile(self, model: str) -> Any:
         path = self._ready_path(model)

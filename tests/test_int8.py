@@ -1,0 +1,160 @@
+"""`python -m export --int8` on the tiny preset (with the step-caching UNets): NNCF quantizes the
+three UNet graphs on inputs recorded from the bundle's own pipeline; the manifest records the
+calibration (count, hash) and the held-out quality; reuse and re-quantization; the runtime's int8
+path, with and without step caching, within the issue #16 gates (UNet-call cosine >= 0.99, image
+PSNR >= 30 dB vs the exact fp32 path of the same backend); the compare tool's int8 gates. Refusals
+that need no quantized model: tests/test_openvino_backend.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("nncf")
+pytestmark = pytest.mark.integration
+
+from export.__main__ import main as export_main  # noqa: E402
+from export.build import ExportOptions, export_bundle  # noqa: E402
+from export.compare.metrics import image_metrics  # noqa: E402
+from export.int8 import Int8Options, add_int8, cosine, record_calibration  # noqa: E402
+from runtime.backends import BackendConfig, open_backend  # noqa: E402
+from runtime.backends.config import bundle_files  # noqa: E402
+from runtime.bundle import Bundle  # noqa: E402
+from runtime.generate import main as generate_main  # noqa: E402
+from runtime.manifest import Manifest  # noqa: E402
+from runtime.options import GenerateOptions  # noqa: E402
+from runtime.pipeline import Pipeline  # noqa: E402
+
+# Small enough for CI (about 15 s), large enough to calibrate: with 8 samples the held-out cosine
+# was 0.992, with 16 0.997.
+OPTIONS = Int8Options(samples=16, size=64, steps=4)
+MIN_UNET_COSINE, MIN_PSNR_DB = 0.99, 30.0
+
+
+UNETS = ["unet", "unet_deepcache_full", "unet_deepcache_shallow"]
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("int8") / "bundle"
+    export_bundle(ExportOptions(model="tiny", out=root, precision="fp32", deepcache=True))
+    add_int8(root, OPTIONS)
+    return root
+
+
+def test_manifest_records_files_calibration_and_quality(int8_bundle: Path) -> None:
+    manifest = Manifest.loads((int8_bundle / "manifest.json").read_bytes())
+    assert Manifest.from_json(manifest.to_json()) == manifest
+    assert sorted(m for m, entry in manifest.models.items() if "int8" in entry.files) == UNETS
+    for model in UNETS:
+        entry = manifest.models[model].files["int8"]
+        assert (entry.file, entry.external_data) == (f"{model}.int8.xml", f"{model}.int8.bin")
+    Bundle.open(int8_bundle, verify="full")  # every hash, the IRs' included
+    record = manifest.export["int8"]
+    assert record["scheme"] == "hybrid" and sorted(record["models"]) == UNETS
+    calibration = record["calibration"]
+    assert len(calibration["sha256"]) == 64 and calibration["cache_interval"] == OPTIONS.cache_interval
+    assert (calibration["captions"], calibration["size"], calibration["steps"]) == (4, 64, 4)
+    for model in UNETS:
+        facts = record["models"][model]
+        assert [name.split("/")[-3] for name in facts["kept_fp32"]] == ["conv_in"], model
+        # up to `holdout` calls of the held-out caption: the shallow graph made only 2 there
+        assert facts["quality"]["holdout_calls"] == (2 if model == "unet_deepcache_shallow" else 3)
+        assert facts["quality"]["cosine_min"] >= MIN_UNET_COSINE, model
+    assert record["models"]["unet"]["samples"] == record["models"]["unet_deepcache_full"]["samples"] == 16
+    # the shallow graph runs on 2 of every 3 steps of the cached run: 4 captions x (4 - 2) calls
+    assert record["models"]["unet_deepcache_shallow"]["samples"] == 8
+
+
+def test_calibration_is_deterministic(int8_bundle: Path) -> None:
+    again = record_calibration(Bundle.open(int8_bundle), OPTIONS)
+    recorded = Manifest.loads((int8_bundle / "manifest.json").read_bytes()).export["int8"]["calibration"]
+    assert again.sha256() == recorded["sha256"]
+
+
+def test_unet_and_image_within_the_gates(int8_bundle: Path) -> None:
+    bundle = Bundle.open(int8_bundle)
+    fp32 = open_backend(bundle, BackendConfig("openvino"))
+    int8 = open_backend(bundle, BackendConfig("openvino", precision="int8"))
+    rng = np.random.default_rng(7)  # not a calibration input
+    states = fp32.run("clip", {"input_ids": rng.integers(0, 1000, (2, 77)).astype(np.int32)})
+    feeds = {
+        "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        "timestep": np.array([500.0], np.float32),
+        "encoder_hidden_states": next(iter(states.values())),
+    }
+    assert (
+        cosine(int8.run("unet", feeds)["noise_pred"], fp32.run("unet", feeds)["noise_pred"])
+        >= MIN_UNET_COSINE
+    )
+    for scheduler, interval in (("ddim", 1), ("dpmpp_2m", 1), ("dpmpp_2m", 3)):
+        options = GenerateOptions(
+            ("a red fox in the snow",), steps=10, scheduler=scheduler, seed=3, cache_interval=interval
+        )
+        exact = Pipeline(bundle, fp32).generate(options).images
+        quantized = Pipeline(bundle, int8).generate(options).images
+        assert image_metrics(quantized[0], exact[0])["psnr_db"] >= MIN_PSNR_DB, (scheduler, interval)
+
+
+def test_reused_when_unchanged_and_redone_when_options_change(int8_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(int8_bundle, bundle, ignore=shutil.ignore_patterns(".ov_cache", ".ort_cache", ".sdrt-*"))
+    ir = bundle / "unet.int8.bin"
+    before = ir.stat().st_mtime_ns
+    add_int8(bundle, OPTIONS)
+    assert ir.stat().st_mtime_ns == before
+    manifest = add_int8(bundle, Int8Options(scheme="full", samples=8, size=64, steps=4, vae=True))
+    assert manifest.export["int8"]["scheme"] == "full" and ir.stat().st_mtime_ns != before
+    vae = manifest.export["int8"]["models"]["vae_decoder"]  # one call per generation, plain and cached
+    assert vae["samples"] == 4 and vae["quality"]["holdout_calls"] == 2
+    assert 0 < vae["quality"]["image_psnr_db_min"] < 100
+    assert bundle_files("int8", "vae_decoder", Bundle.open(bundle, verify="full")) == "int8"
+    add_int8(bundle, Int8Options(scheme="full", samples=8, size=64, steps=4))  # without the VAE
+    opened = Bundle.open(bundle, verify="full")
+    assert "int8" not in opened.models["vae_decoder"].files  # the earlier int8 VAE is dropped
+    assert not (bundle / "vae_decoder.int8.bin").exists()
+    assert (
+        bundle_files("int8", "vae_decoder", opened) == "fp32"
+        and bundle_files("int8", "unet", opened) == "int8"
+    )
+    assert not list(bundle.glob(".*.tmp.*"))  # no temp files left behind
+
+
+def test_cli_generates_int8_and_refuses_what_it_cannot(
+    int8_bundle: Path,
+    tiny_bundle: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from PIL import Image
+
+    out = tmp_path / "int8.png"
+    argv = ["a cat", "--bundle", str(int8_bundle), "--backend", "openvino", "--precision", "int8",
+            "--steps", "3", "--out", str(out)]  # fmt: skip
+    assert generate_main(argv) == 0
+    assert "Backend: openvino/int8" in Image.open(out).info["parameters"]
+    argv[2] = str(tiny_bundle)  # exported without --int8
+    assert generate_main(argv) == 2
+    assert "got 'int8' (add it with `python -m export --model MODEL --out BUNDLE --int8`)" in caplog.text
+    with pytest.raises(SystemExit) as exit_info:
+        export_main(["--model", "tiny", "--out", str(tmp_path / "b"), "--precision", "fp16", "--int8"])
+    assert exit_info.value.code == 2
+    assert "--int8 quantizes the fp32 UNet" in capsys.readouterr().err
+
+
+def test_compare_tool_gates_int8(int8_bundle: Path, tmp_path: Path) -> None:
+    from export.compare.cli import main as compare_main
+
+    out = tmp_path / "compare"
+    argv = ["--bundle", str(int8_bundle), "--backend", "openvino", "--precision", "int8", "--steps", "6",
+            "--runs", "1", "--scheduler", "ddim", "--no-bf16", "--out", str(out)]  # fmt: skip
+    assert compare_main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    checks = {c["name"]: c for c in report["checks"]}
+    assert checks["unet.noise_pred cosine"]["limit"] == 0.99 and checks["unet.noise_pred cosine"]["passed"]
+    assert any(c["name"].startswith("image PSNR") and c["limit"] == 30.0 for c in report["checks"])
