@@ -5,11 +5,11 @@ ORT, optimum-intel OpenVINO fp32/bf16/hybrid int8, openvino-genai), on the same 
 
 Each engine runs in its own process, one after another, so peak RSS and time to first image are
 its own; a worker that outlives --timeout is killed and reported. Prints the CPU (model, flags), a
-table, each approximation's image against its own exact path (ours vs ONNX Runtime fp32,
-optimum-intel int8 vs optimum-intel fp32: same latents), the issues' targets as met / missed, and
-writes JSON. The runtime workers also measure their
-own overhead: the wall time of each denoising step outside the UNet backend call, as a share of
-the step, and with static shapes the compile of each new shape.
+table, each approximation's images against its own exact path (ours vs ONNX Runtime fp32,
+optimum-intel int8 vs optimum-intel fp32: same latents; the bench prompt and `--quality-prompts`
+more, made after the timed runs), the issues' targets as met / missed, and writes JSON. The
+runtime workers also measure their own overhead: the wall time of each denoising step outside the
+UNet backend call, as a share of the step, and with static shapes the compile of each new shape.
 
     python scripts/bench_e2e.py --bundle bundles/sd15 --size 256x256 --steps 10 --repeats 3
 
@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,15 @@ OV_PEERS = tuple(p for p in PEERS if p != "optimum")  # run from --ov-python on 
 INT8_PEERS = tuple(p for p in PEERS if "int8" in p)  # on --ov-int8-model
 FP32_PEERS = tuple(p for p in PEERS if "int8" not in p and "bf16" not in p)
 SCHEDULERS = ("ddim", "dpmpp_2m")
+# Image quality of an approximation is judged over the bench prompt and these (after the timed runs;
+# --quality-prompts N takes the first N): one image can flatter or wrong a quantizer by a dB or more.
+QUALITY_PROMPTS = (
+    "a red vintage car parked on a rainy street at night",
+    "portrait of an old fisherman, detailed, dramatic lighting",
+    "a watercolor drawing of a fox in a snowy forest",
+    "a bowl of fruit on a wooden table, still life painting",
+    "a futuristic city skyline with flying cars",
+)
 CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", *BF16_FLAGS, "amx_tile", "amx_int8")
 # The issue's targets, for the engine named by --ours (same run, same machine).
 # speedup_vs_diffusers_fp32: the issue's "i.e. >= 1.7x", derived from its own machine's figures.
@@ -196,7 +206,11 @@ def worker_runtime(
             {"model": c.model, "shapes": c.shapes, "seconds": c.seconds, "failed": c.failed}
             for c in shape_cache.compiles
         ]
-    np.save(_image_path(args.json, args.worker), images[-1])  # same seed in every runtime engine
+    extra = [
+        pipe.generate(replace(options, prompts=(prompt,))).images[0]
+        for prompt in QUALITY_PROMPTS[: args.quality_prompts]
+    ]
+    np.save(_image_path(args.json, args.worker), np.stack([images[-1], *extra]))  # same seeds everywhere
     return result
 
 
@@ -225,7 +239,10 @@ def _image_parity(report: Path, engines: list[str]) -> dict[str, dict[str, Any]]
         mine = _image_path(report, engine)
         if twin is None or not mine.is_file() or not _image_path(report, twin).is_file():
             continue
-        out[engine] = {"vs": twin, **image_metrics(np.load(mine), np.load(_image_path(report, twin)))}
+        ours, theirs = np.load(mine), np.load(_image_path(report, twin))
+        each = [image_metrics(a, b) for a, b in zip(ours, theirs, strict=True)]
+        mean_db = sum(min(m["psnr_db"], 100.0) for m in each) / len(each)  # identical images: 100 dB
+        out[engine] = {"vs": twin, **each[0], "images": len(each), "psnr_db_mean": mean_db}
     return out
 
 
@@ -291,6 +308,7 @@ def _peer_command(engine: str, args: argparse.Namespace) -> list[str]:
         "threads": args.threads,
         "scheduler": args.scheduler,
         "image": str(_image_path(args.json, engine)),
+        "quality_prompts": list(QUALITY_PROMPTS[: args.quality_prompts]),
     }
     return [str(python), str(Path(__file__).with_name("bench_peers.py")), engine, json.dumps(payload)]
 
@@ -390,7 +408,8 @@ def _targets_16(
     ratio("int8_vs_fp32_peer", int8, peer)
     peer_int8 = _fastest(results, INT8_PEERS)
     if int8 and peer_int8 and int8 in parity and peer_int8 in parity:
-        psnr = {"psnr_db": parity[int8]["psnr_db"], "peer_psnr_db": parity[peer_int8]["psnr_db"]}
+        # mean PSNR over the bench prompt and the quality prompts
+        psnr = {"psnr_db": parity[int8]["psnr_db_mean"], "peer_psnr_db": parity[peer_int8]["psnr_db_mean"]}
         ratio("int8_vs_peer_int8", int8, peer_int8, **psnr)
     return out
 
@@ -421,6 +440,14 @@ def main() -> int:
     p.add_argument("--size", type=size_argument, default=(256, 256))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
+    p.add_argument(
+        "--quality-prompts",
+        type=int,
+        default=3,
+        choices=range(len(QUALITY_PROMPTS) + 1),
+        metavar=f"0..{len(QUALITY_PROMPTS)}",
+        help="images of further prompts (after the timed runs) over which image parity is averaged",
+    )
     p.add_argument(
         "--cache-interval", type=int, default=1, help="step caching for the runtime engines (1 = off)"
     )
@@ -506,7 +533,8 @@ def main() -> int:
     parity = _image_parity(args.json, engines)
     for name, q in parity.items():
         max_diff, psnr, twin = q["max_pixel_diff"], q["psnr_db"], q["vs"]
-        print(f"{name} image vs {twin}: max {max_diff}/255, {psnr:.1f} dB")
+        mean = f"; mean over {q['images']} prompts {q['psnr_db_mean']:.1f} dB" if q["images"] > 1 else ""
+        print(f"{name} image vs {twin}: max {max_diff}/255, {psnr:.1f} dB{mean}")
     targets_16 = _targets_16(results, parity, args.cache_interval)
     for name, t in targets_16.items():
         verdict = "met" if t["met"] else "MISSED"

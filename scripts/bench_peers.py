@@ -3,11 +3,11 @@
     PEER_PYTHON scripts/bench_peers.py PEER '{"model": ..., "prompt": ..., "steps": ..., ...}'
 
 prints one JSON line: the same timings as the runtime's workers (`timed_runs`, shared with
-bench_e2e.py), and with "image" in the payload saves the last image there (.npy, uint8 HWC; the
-diffusers-based peers use a generator seeded 0, so a peer's fp32 and int8 runs start from the same
-latents and their images compare). Only numpy is imported here at module level, so any peer venv
-can run it; each peer imports its own library. Peers (all with the bench's scheduler, DDIM or
-DPM++ 2M, and its prompt, size, steps, guidance):
+bench_e2e.py), and with "image" in the payload saves there (.npy, uint8 (K, H, W, 3)) the last timed
+image and one more per "quality_prompts" entry (the diffusers-based peers use a generator seeded 0,
+so a peer's fp32 and int8 runs start from the same latents and their images compare). Only numpy
+is imported here at module level, so any peer venv can run it; each peer imports its own library.
+Peers (all with the bench's scheduler, DDIM or DPM++ 2M, and its prompt, size, steps, guidance):
 - optimum: Optimum's ORTStableDiffusionPipeline (ONNX Runtime, fp32), from `optimum-cli export onnx`
 - optimum_intel[_bf16|_int8][_static]: optimum-intel's OVStableDiffusionPipeline, dynamic shapes
   or `reshape`d to the request (static), computed in fp32 (INFERENCE_PRECISION_HINT f32: on a bf16
@@ -77,12 +77,13 @@ def _scheduler(a: dict[str, Any], config: Any) -> Any:
     return DDIMScheduler.from_config(config)
 
 
-def _diffusers_call(pipe: Any, a: dict[str, Any]) -> Callable[[], object]:
-    """One image from a diffusers-style pipeline, from latents seeded 0; kept for "image"."""
+def _diffusers_call(pipe: Any, a: dict[str, Any]) -> Callable[..., object]:
+    """One image (of the bench's prompt, or `prompt`) from a diffusers-style pipeline, from latents
+    seeded 0; kept for "image"."""
     import torch
 
-    def run() -> np.ndarray:
-        image = pipe(a["prompt"], num_inference_steps=a["steps"], guidance_scale=a["guidance"],
+    def run(prompt: str | None = None) -> np.ndarray:
+        image = pipe(prompt or a["prompt"], num_inference_steps=a["steps"], guidance_scale=a["guidance"],
                      height=a["height"], width=a["width"], output_type="np",
                      generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
         return np.clip(np.round(np.asarray(image) * 255), 0, 255).astype(np.uint8)
@@ -90,7 +91,7 @@ def _diffusers_call(pipe: Any, a: dict[str, Any]) -> Callable[[], object]:
     return run
 
 
-def optimum(a: dict[str, Any]) -> Callable[[], object]:
+def optimum(a: dict[str, Any]) -> Callable[..., object]:
     from optimum.onnxruntime import ORTStableDiffusionPipeline
 
     pipe = ORTStableDiffusionPipeline.from_pretrained(a["model"])
@@ -99,7 +100,7 @@ def optimum(a: dict[str, Any]) -> Callable[[], object]:
     return _diffusers_call(pipe, a)
 
 
-def optimum_intel(a: dict[str, Any], static: bool, precision: str) -> Callable[[], object]:
+def optimum_intel(a: dict[str, Any], static: bool, precision: str) -> Callable[..., object]:
     from optimum.intel import OVStableDiffusionPipeline
 
     pipe = OVStableDiffusionPipeline.from_pretrained(
@@ -113,7 +114,7 @@ def optimum_intel(a: dict[str, Any], static: bool, precision: str) -> Callable[[
     return _diffusers_call(pipe, a)
 
 
-def openvino_genai(a: dict[str, Any], static: bool) -> Callable[[], object]:
+def openvino_genai(a: dict[str, Any], static: bool) -> Callable[..., object]:
     import openvino_genai as ov_genai
 
     if a.get("scheduler", "ddim") != "ddim":
@@ -124,11 +125,15 @@ def openvino_genai(a: dict[str, Any], static: bool) -> Callable[[], object]:
     if static:
         pipe.reshape(1, a["height"], a["width"], a["guidance"])
     pipe.compile("CPU", **ov_properties(a, "f32"))
-    return lambda: pipe.generate(a["prompt"], width=a["width"], height=a["height"], rng_seed=0,
-                                 num_inference_steps=a["steps"], guidance_scale=a["guidance"])  # fmt: skip
+
+    def run(prompt: str | None = None) -> object:
+        return pipe.generate(prompt or a["prompt"], width=a["width"], height=a["height"], rng_seed=0,
+                             num_inference_steps=a["steps"], guidance_scale=a["guidance"])  # fmt: skip
+
+    return run
 
 
-def build(peer: str, a: dict[str, Any]) -> Callable[[], object]:
+def build(peer: str, a: dict[str, Any]) -> Callable[..., object]:
     if peer == "optimum":
         return optimum(a)
     if peer.startswith("optimum_intel"):
@@ -153,7 +158,8 @@ def main() -> int:
 
     result = timed_runs(first, a["repeats"], run)
     if a.get("image") and isinstance(images[-1], np.ndarray):
-        np.save(a["image"], images[-1])
+        extra = [np.asarray(build_run(prompt)) for prompt in a.get("quality_prompts", [])]
+        np.save(a["image"], np.stack([images[-1], *extra]))
     print(json.dumps(result))
     return 0
 

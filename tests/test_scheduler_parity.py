@@ -151,5 +151,3 @@ def test_alphas_cumprod_bit_identical_to_diffusers(config_name: str) -> None:
     config = CONFIGS[config_name]
     ours = alphas_cumprod(SchedulerConfig.from_dict(config))
     np.testing.assert_array_equal(ours, _twin("ddim", config).alphas_cumprod.numpy().astype(np.float64))
-
-
