@@ -20,6 +20,7 @@ from export.build import PRECISION_CHOICES, ExportOptions, export_bundle
 from export.int8 import SCHEMES, Int8Options, add_int8
 from export.models import DEFAULT_SEED, PRESETS
 from runtime.cli import positive_int
+from runtime.errors import RequestError
 
 _DIFFUSERS_PARTS = ("text_encoder", "tokenizer", "unet", "vae", "scheduler")
 
@@ -109,7 +110,15 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Expor
 
 
 def _int8_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Int8Options | None:
+    defaults = Int8Options()
     if not args.int8:
+        given = [
+            f"--int8-{name}"
+            for name in ("scheme", "samples", "size", "steps", "vae")
+            if getattr(args, f"int8_{name}") != getattr(defaults, name)
+        ]
+        if given:
+            parser.error(f"{', '.join(given)} only apply with --int8")
         return None
     opts = Int8Options(
         scheme=args.int8_scheme,
@@ -141,13 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         )
     if int8 is not None:
         with logging_redirect_tqdm():
-            manifest = add_int8(opts.out, int8, force=opts.force)
-        for model, facts in manifest.export["int8"]["models"].items():
-            q = facts["quality"]
-            psnr = f", image PSNR >= {q['image_psnr_db_min']:.1f} dB" if "image_psnr_db_min" in q else ""
+            try:
+                quantized = add_int8(opts.out, int8, force=opts.force)
+            except RequestError as exc:
+                parser.error(str(exc))
+        state = "up to date, reused" if quantized.reused else int8.scheme
+        for model, q in quantized.quality.items():
+            psnr = "" if q.image_psnr_db_min is None else f", image PSNR >= {q.image_psnr_db_min:.1f} dB"
             print(
-                f"int8 {model} in {opts.out} ({int8.scheme}): cosine to fp32 >= {q['cosine_min']:.5f}{psnr} "
-                f"on {q['holdout_calls']} held-out calls"
+                f"int8 {model} in {opts.out} ({state}): cosine to fp32 >= {q.cosine_min:.5f}{psnr} "
+                f"on {q.holdout_calls} held-out calls"
             )
     for warning in result.manifest.warnings:
         print(f"warning: {warning}", file=sys.stderr)

@@ -46,9 +46,10 @@ from export.bundle import MANIFEST, file_entry
 from export.captions import builtin_captions
 from runtime.backends import Backend, BackendConfig, open_backend
 from runtime.bundle import Bundle
+from runtime.errors import RequestError
 from runtime.files import write_atomic
 from runtime.manifest import FileEntry, Manifest, ModelManifest
-from runtime.options import GenerateOptions
+from runtime.options import GenerateOptions, ResolvedOptions, validate
 from runtime.pipeline import Pipeline
 from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
 
@@ -86,6 +87,26 @@ class Int8Options:
 
 
 Call = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # (inputs, fp32 outputs)
+# The step-caching full UNet takes the UNet's inputs (and returns its noise prediction too): it
+# calibrates on those; every other model on its own recorded calls.
+CALIBRATES_ON = {DEEPCACHE_FULL: QUANTIZED_MODEL}
+
+
+@dataclass(frozen=True)
+class ModelQuality:
+    """A quantized graph against its fp32 original on held-out calls (export.compare.metrics)."""
+
+    cosine_min: float  # smallest per-row cosine of the main output (noise_pred or image)
+    max_abs: float
+    holdout_calls: int
+    image_psnr_db_min: float | None = None  # the VAE decoder: PSNR of the uint8 images
+
+
+@dataclass(frozen=True)
+class Int8Result:
+    manifest: Manifest
+    quality: dict[str, ModelQuality]  # per quantized model
+    reused: bool
 
 
 class _Recorder:
@@ -132,41 +153,54 @@ def quantized_models(bundle: Bundle, opts: Int8Options) -> list[str]:
     return [model for model in UNETS if model in bundle.models] + ([VAE] if opts.vae else [])
 
 
+def _calibration_options(
+    bundle: Bundle, opts: Int8Options, caption: str, index: int, interval: int
+) -> ResolvedOptions:
+    """One calibration generation, validated against the bundle (RequestError naming the int8 flag)."""
+    options = GenerateOptions(
+        prompts=(caption,),
+        steps=opts.steps,
+        scheduler=opts.scheduler,
+        seed=opts.seed + index,
+        height=opts.size,
+        width=opts.size,
+        cache_interval=interval,
+    )
+    try:
+        return validate(options, bundle)
+    except RequestError as exc:
+        raise RequestError(f"int8 calibration (--int8-size/--int8-steps): {exc}") from None
+
+
 def record_calibration(bundle: Bundle, opts: Int8Options, threads: int | None = None) -> Calibration:
     """Run the bundle's fp32 pipeline on built-in captions (and, for the step-caching pair, once
     more with caching on); the UNet inputs it fed, in order, and the held-out caption's calls."""
     count = math.ceil(opts.samples / opts.steps)
     captions = builtin_captions(count + 1, opts.seed)  # the last one is held out
+    intervals = [1] + ([opts.cache_interval] if DEEPCACHE_SHALLOW in bundle.models else [])
+    runs = [
+        [_calibration_options(bundle, opts, caption, i, interval) for interval in intervals]
+        for i, caption in enumerate(captions)
+    ]  # all validated before a model loads
     backend = _Recorder(open_backend(bundle, BackendConfig("openvino", threads=threads)))
     pipeline = Pipeline(bundle, backend)
-    intervals = [1] + ([opts.cache_interval] if DEEPCACHE_SHALLOW in bundle.models else [])
     try:
-        for i, caption in enumerate(captions):
+        for i, per_caption in enumerate(runs):
             backend.caption = i
-            for interval in intervals:
-                options = GenerateOptions(
-                    prompts=(caption,),
-                    steps=opts.steps,
-                    scheduler=opts.scheduler,
-                    seed=opts.seed + i,
-                    height=opts.size,
-                    width=opts.size,
-                    cache_interval=interval,
-                )
+            for options in per_caption:
                 pipeline.generate(options)
-            log.info("calibration %d/%d: %s", i + 1, len(captions), caption)
+            log.info("calibration %d/%d: %s", i + 1, len(captions), captions[i])
     finally:
         pipeline.close()
 
     def calls(model: str, captions_: range) -> list[Call]:
         return [call for c in captions_ for call in backend.calls.get(f"{model}/{c}", [])]
 
-    # the full step-caching UNet takes the UNet's inputs and returns its noise prediction too
-    sources = {**{m: m for m in (*UNETS, VAE)}, DEEPCACHE_FULL: QUANTIZED_MODEL}
     feeds, holdout = {}, {}
     for model in quantized_models(bundle, opts):
-        feeds[model] = [f for f, _ in calls(sources[model], range(count))][: opts.samples]
-        held = calls(sources[model], range(count, count + 1))
+        source = CALIBRATES_ON.get(model, model)
+        feeds[model] = [f for f, _ in calls(source, range(count))][: opts.samples]
+        held = calls(source, range(count, count + 1))
         picks = sorted(set(np.linspace(0, len(held) - 1, opts.holdout).round().astype(int).tolist()))
         holdout[model] = [held[i] for i in picks]
     return Calibration(feeds, holdout, captions)
@@ -226,31 +260,31 @@ def quantize(fp32_graph: Path, feeds: list[dict[str, np.ndarray]], scheme: str) 
     return quantized, kept
 
 
-def cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a64 @ b64 / (np.linalg.norm(a64) * np.linalg.norm(b64) + 1e-30))
-
-
-def held_out_quality(model: Any, holdout: list[Call], threads: int | None) -> dict[str, float]:
+def held_out_quality(model: Any, holdout: list[Call], threads: int | None) -> ModelQuality:
     """A quantized graph's main output (noise prediction, image) vs the fp32 one, on inputs it was
-    not calibrated on; for an image also the PSNR of its uint8 pixels."""
+    not calibrated on; for images also the PSNR of their uint8 pixels (the compare tool's metrics)."""
     import openvino as ov
+
+    from export.compare.metrics import image_metrics, tensor_metrics, to_uint8
 
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}
     if threads:
         config["INFERENCE_NUM_THREADS"] = threads
     compiled = ov.Core().compile_model(model, "CPU", config)
-    cosines, errors, psnrs = [], [], []
+    tensors, psnrs = [], []
     for feeds, reference in holdout:
         name = next(iter(reference))  # the spec's first output: noise_pred or image
         out, ref = compiled(feeds)[name], reference[name]
-        cosines.append(cosine(out, ref))
-        errors.append(float(np.abs(out - ref).max()))
-        if name == "image":  # in [0, 1]: the runtime's pixels are round(255 x)
-            diff = np.round(out * 255) - np.round(ref * 255)
-            psnrs.append(float(20 * np.log10(255 / max(np.sqrt(np.mean(diff**2)), 1e-12))))
-    quality = {"cosine_min": min(cosines), "max_abs": max(errors), "holdout_calls": len(cosines)}
-    return quality | ({"image_psnr_db_min": min(psnrs)} if psnrs else {})
+        tensors.append(tensor_metrics(out, ref))
+        if name == "image":  # (1, 3, H, W) in [0, 1]
+            pixels = [to_uint8(x[0].transpose(1, 2, 0)) for x in (out, ref)]
+            psnrs.append(min(image_metrics(*pixels)["psnr_db"], 100.0))  # identical: inf
+    return ModelQuality(
+        cosine_min=min(t["cosine"] for t in tensors),
+        max_abs=max(t["max_abs"] for t in tensors),
+        holdout_calls=len(tensors),
+        image_psnr_db_min=min(psnrs) if psnrs else None,
+    )
 
 
 def fingerprint(bundle: Bundle, opts: Int8Options) -> dict[str, Any]:
@@ -271,13 +305,20 @@ def _version(package: str) -> str | None:
         return None
 
 
-def add_int8(root: Path, opts: Int8Options, threads: int | None = None, force: bool = False) -> Manifest:
-    """Write (or reuse) the bundle's int8 UNets and their manifest entries; returns the new manifest.
+def _recorded_quality(manifest: Manifest) -> dict[str, ModelQuality]:
+    models = manifest.export["int8"]["models"]
+    return {model: ModelQuality(**facts["quality"]) for model, facts in models.items()}
 
-    Each IR is written under temp names and renamed; the manifest is replaced last (atomically), so
-    a reader sees either the old bundle or the new one."""
+
+def add_int8(root: Path, opts: Int8Options, threads: int | None = None, force: bool = False) -> Int8Result:
+    """Write (or reuse) the bundle's int8 models and their manifest entries.
+
+    Each IR is written under a temp name and renamed; the manifest is replaced last (atomically).
+    A reader still holding the old manifest may find a replaced IR: its hash then refuses it
+    (IntegrityError), it is never run. The bundle's files are verified as they are used (the
+    calibration run loads every graph it quantizes), not hashed again up front."""
     opts = opts.validate()
-    bundle = Bundle.open(root, verify="full")
+    bundle = Bundle.open(root)
     manifest = bundle.manifest
     models = quantized_models(bundle, opts)
     fp = fingerprint(bundle, opts)
@@ -285,7 +326,7 @@ def add_int8(root: Path, opts: Int8Options, threads: int | None = None, force: b
     up_to_date = isinstance(existing, dict) and existing.get("fingerprint") == fp
     if up_to_date and not force and all("int8" in manifest.models[m].files for m in models):
         log.info("int8 models are up to date (same sources, options and tools): reused")
-        return manifest
+        return Int8Result(manifest, _recorded_quality(manifest), reused=True)
     start = time.perf_counter()
     calibration = record_calibration(bundle, opts, threads)
     log.info(
@@ -296,16 +337,20 @@ def add_int8(root: Path, opts: Int8Options, threads: int | None = None, force: b
         for name, m in manifest.models.items()
     }
     per_model: dict[str, Any] = {}
+    qualities: dict[str, ModelQuality] = {}
     for model in models:
-        quantized, kept = quantize(
-            root / bundle.graph(model, "fp32").file, calibration.feeds[model], opts.scheme
-        )
-        quality = held_out_quality(quantized, calibration.holdout[model], threads)
-        log.info("int8 %s vs fp32 on held-out inputs: cosine >= %.5f", model, quality["cosine_min"])
+        source = bundle.verified_path(bundle.graph(model, "fp32"))  # stamped by the calibration run
+        quantized, kept = quantize(source, calibration.feeds[model], opts.scheme)
+        quality = qualities[model] = held_out_quality(quantized, calibration.holdout[model], threads)
+        log.info("int8 %s vs fp32 on held-out inputs: cosine >= %.5f", model, quality.cosine_min)
         entry = _save(quantized, root / f"{model}.int8.xml")
         del quantized
         entries[model] = replace(entries[model], files={**entries[model].files, "int8": entry})
-        per_model[model] = {"samples": len(calibration.feeds[model]), "kept_fp32": kept, "quality": quality}
+        per_model[model] = {
+            "samples": len(calibration.feeds[model]),
+            "kept_fp32": kept,
+            "quality": asdict(quality),
+        }
     record = {
         "fingerprint": fp,
         "tool": f"nncf {fp['packages']['nncf']}, openvino {fp['packages']['openvino']}",
@@ -326,7 +371,7 @@ def add_int8(root: Path, opts: Int8Options, threads: int | None = None, force: b
     write_atomic(root / MANIFEST, updated.dumps().encode())
     for name in set(manifest.hashed_files()) - set(updated.hashed_files()):  # an earlier choice's
         (root / name).unlink(missing_ok=True)
-    return updated
+    return Int8Result(updated, qualities, reused=False)
 
 
 def _save(model: Any, final: Path) -> FileEntry:

@@ -19,11 +19,12 @@ pytestmark = pytest.mark.integration
 
 from export.__main__ import main as export_main  # noqa: E402
 from export.build import ExportOptions, export_bundle  # noqa: E402
-from export.compare.metrics import image_metrics  # noqa: E402
-from export.int8 import Int8Options, add_int8, cosine, record_calibration  # noqa: E402
+from export.compare.metrics import cosine_rows, image_metrics  # noqa: E402
+from export.int8 import Int8Options, add_int8, record_calibration  # noqa: E402
 from runtime.backends import BackendConfig, open_backend  # noqa: E402
 from runtime.backends.config import bundle_files  # noqa: E402
 from runtime.bundle import Bundle  # noqa: E402
+from runtime.errors import RequestError  # noqa: E402
 from runtime.generate import main as generate_main  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
 from runtime.options import GenerateOptions  # noqa: E402
@@ -87,10 +88,8 @@ def test_unet_and_image_within_the_gates(int8_bundle: Path) -> None:
         "timestep": np.array([500.0], np.float32),
         "encoder_hidden_states": next(iter(states.values())),
     }
-    assert (
-        cosine(int8.run("unet", feeds)["noise_pred"], fp32.run("unet", feeds)["noise_pred"])
-        >= MIN_UNET_COSINE
-    )
+    ours, exact = int8.run("unet", feeds)["noise_pred"], fp32.run("unet", feeds)["noise_pred"]
+    assert cosine_rows(ours, exact).min() >= MIN_UNET_COSINE  # each CFG row
     for scheduler, interval in (("ddim", 1), ("dpmpp_2m", 1), ("dpmpp_2m", 3)):
         options = GenerateOptions(
             ("a red fox in the snow",), steps=10, scheduler=scheduler, seed=3, cache_interval=interval
@@ -105,9 +104,12 @@ def test_reused_when_unchanged_and_redone_when_options_change(int8_bundle: Path,
     shutil.copytree(int8_bundle, bundle, ignore=shutil.ignore_patterns(".ov_cache", ".ort_cache", ".sdrt-*"))
     ir = bundle / "unet.int8.bin"
     before = ir.stat().st_mtime_ns
-    add_int8(bundle, OPTIONS)
-    assert ir.stat().st_mtime_ns == before
-    manifest = add_int8(bundle, Int8Options(scheme="full", samples=8, size=64, steps=4, vae=True))
+    again = add_int8(bundle, OPTIONS)
+    assert again.reused and ir.stat().st_mtime_ns == before
+    assert again.quality["unet"].cosine_min >= MIN_UNET_COSINE  # read back from the manifest
+    result = add_int8(bundle, Int8Options(scheme="full", samples=8, size=64, steps=4, vae=True))
+    manifest = result.manifest
+    assert not result.reused and result.quality["vae_decoder"].image_psnr_db_min is not None
     assert manifest.export["int8"]["scheme"] == "full" and ir.stat().st_mtime_ns != before
     vae = manifest.export["int8"]["models"]["vae_decoder"]  # one call per generation, plain and cached
     assert vae["samples"] == 4 and vae["quality"]["holdout_calls"] == 2
@@ -122,6 +124,15 @@ def test_reused_when_unchanged_and_redone_when_options_change(int8_bundle: Path,
         and bundle_files("int8", "unet", opened) == "int8"
     )
     assert not list(bundle.glob(".*.tmp.*"))  # no temp files left behind
+
+
+def test_bad_calibration_settings_are_refused_before_any_work(int8_bundle: Path, tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(int8_bundle, bundle, ignore=shutil.ignore_patterns(".ov_cache", ".ort_cache", ".sdrt-*"))
+    manifest = (bundle / "manifest.json").read_bytes()
+    with pytest.raises(RequestError, match=r"int8 calibration \(--int8-size/--int8-steps\): height"):
+        add_int8(bundle, Int8Options(samples=8, size=60, steps=4))  # not a multiple of the latent grid
+    assert (bundle / "manifest.json").read_bytes() == manifest and not (bundle / ".ov_cache").exists()
 
 
 def test_cli_generates_int8_and_refuses_what_it_cannot(
@@ -145,6 +156,10 @@ def test_cli_generates_int8_and_refuses_what_it_cannot(
         export_main(["--model", "tiny", "--out", str(tmp_path / "b"), "--precision", "fp16", "--int8"])
     assert exit_info.value.code == 2
     assert "--int8 quantizes the fp32 UNet" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # an int8 setting without --int8 would do nothing
+        export_main(["--model", "tiny", "--out", str(tmp_path / "b"), "--int8-scheme", "full", "--int8-vae"])
+    assert exit_info.value.code == 2
+    assert "--int8-scheme, --int8-vae only apply with --int8" in capsys.readouterr().err
 
 
 def test_compare_tool_gates_int8(int8_bundle: Path, tmp_path: Path) -> None:

@@ -102,8 +102,13 @@ def cache_intact(bundle: Bundle, cached: Path) -> bool:
         return False
     try:
         digests = json.loads(_seal_path(cached).read_text())
-        intact = isinstance(digests, dict) and set(digests) == {f.name for f in _cache_files(cached)} and all(
-            bundle.verifier.matches(cached.with_name(name), str(digest)) for name, digest in digests.items()
+        intact = (
+            isinstance(digests, dict)
+            and set(digests) == {f.name for f in _cache_files(cached)}
+            and all(
+                bundle.verifier.matches(cached.with_name(name), str(digest))
+                for name, digest in digests.items()
+            )
         )
     except (OSError, ValueError):
         intact = False

@@ -148,9 +148,9 @@ class OvBackend:
     def _ready_path(self, model: str) -> Path:
         """Verify the source, write its IR if the cache lacks it; the path a compile reads."""
         self.bundle.verified_path(self._source(model))  # even when the IR cache is used
-        ir = self._ir_path(model)
-        if self._bundle_ir(model):
+        if self._bundle_ir(model):  # int8: the bundle's own IR, nothing to convert or cache
             return self._load_path(model)
+        ir = self._ir_path(model)
         if self.cache_ir and not cache_intact(self.bundle, ir) and writable(ir.parent):
             try:
                 self._write_ir(model, ir)

@@ -158,9 +158,7 @@ def stale_reasons(entry: EngineEntry, env: GpuEnvironment, source: SourceOnnx) -
     return reasons
 
 
-def build_command(
-    bundle_root: Path, engine_dir: Path, stale_only: bool, extra: Sequence[str] = ()
-) -> str:
+def build_command(bundle_root: Path, engine_dir: Path, stale_only: bool, extra: Sequence[str] = ()) -> str:
     """The exact command that (re)builds engines for this bundle and engine directory; `extra`
     arguments (say `--shapes 640x512`) are appended."""
     parts = ["python", "-m", "engines.build", str(bundle_root)]

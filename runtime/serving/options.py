@@ -88,9 +88,7 @@ class ServerOptions:
             return replace(default, **{f.name: v[f.name] for f in fields(default) if f.name in v})
 
         d = cls()  # the flat key `backend` names BackendConfig.backend: the nested configs are set last
-        return replace(
-            given(d), backend=given(d.backend), engine=given(d.engine), limits=given(d.limits)
-        )
+        return replace(given(d), backend=given(d.backend), engine=given(d.engine), limits=given(d.limits))
 
 
 # Flat keys whose dataclass field is named otherwise (a unit suffix).
