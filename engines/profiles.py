@@ -8,12 +8,14 @@ on the command line and latents (pixels / vae_scale_factor) in profiles, like th
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from runtime.backends.trt_shapes import Profile
 from runtime.bundle import Bundle, DimRange
 
-SPATIAL = ("height", "width")
+SPATIAL = ("height", "width")  # latents
+PIXEL_SPATIAL = ("image_height", "image_width")  # the VAE encoder's input image
 
 
 @dataclass(frozen=True)
@@ -62,14 +64,25 @@ def parse_dynamic(text: str) -> tuple[int, int]:
     return _range(text, "--dynamic")
 
 
-def _latent(pixels: int, dim: DimRange, scale: int, flag: str) -> int:
+def _side(pixels: int, dim: DimRange, scale: int, unit: int, flag: str) -> int:
+    """`pixels` in the dim's unit (latents: `unit` = scale; the VAE encoder's image: 1)."""
     if pixels % scale:
         raise ValueError(f"{flag}: {pixels} px is not a multiple of {scale} (the VAE's scale factor)")
-    if not dim.min * scale <= pixels <= dim.max * scale:
+    if not dim.min * unit <= pixels <= dim.max * unit:
         raise ValueError(
-            f"{flag}: {pixels} px is outside the bundle's range {dim.min * scale}-{dim.max * scale}"
+            f"{flag}: {pixels} px is outside the bundle's range {dim.min * unit}-{dim.max * unit}"
         )
-    return pixels // scale
+    return pixels // unit
+
+
+def spatial_dims(dims: Mapping[str, object], scale: int) -> tuple[tuple[str, str], int] | None:
+    """The (height, width) dim names of a model and their unit in pixels: latents for most models,
+    pixels for the VAE encoder (whose input is the image); None for models without a size."""
+    if all(d in dims for d in SPATIAL):
+        return SPATIAL, scale
+    if all(d in dims for d in PIXEL_SPATIAL):
+        return PIXEL_SPATIAL, 1
+    return None
 
 
 def model_profiles(bundle: Bundle, model: str, request: ProfileRequest) -> tuple[Profile, ...]:
@@ -83,24 +96,26 @@ def model_profiles(bundle: Bundle, model: str, request: ProfileRequest) -> tuple
                 f"--batch: {lo}-{hi} is outside the bundle's range {dims['batch'].min}-{dims['batch'].max}"
             )
         base["batch"] = DimRange(lo, min(max(dims["batch"].opt, lo), hi), hi)
-    if not all(d in dims for d in SPATIAL):
+    spatial = spatial_dims(dims, scale)
+    if spatial is None:
         return (base,)
+    (height_dim, width_dim), unit = spatial
     profiles: list[Profile] = []
     shapes = request.shapes
     if not shapes and request.dynamic is None:
-        shapes = ((dims["width"].opt * scale, dims["height"].opt * scale),)  # the bundle's default size
+        shapes = ((dims[width_dim].opt * unit, dims[height_dim].opt * unit),)  # the bundle's default size
     for width, height in shapes:
-        h = _latent(height, dims["height"], scale, "--shapes")
-        w = _latent(width, dims["width"], scale, "--shapes")
-        profiles.append({**base, "height": DimRange(h, h, h), "width": DimRange(w, w, w)})
+        h = _side(height, dims[height_dim], scale, unit, "--shapes")
+        w = _side(width, dims[width_dim], scale, unit, "--shapes")
+        profiles.append({**base, height_dim: DimRange(h, h, h), width_dim: DimRange(w, w, w)})
     if request.dynamic is not None:
         lo, hi = request.dynamic
-        for d in SPATIAL:
-            latent_lo, latent_hi = (
-                _latent(lo, dims[d], scale, "--dynamic"),
-                _latent(hi, dims[d], scale, "--dynamic"),
+        for d in (height_dim, width_dim):
+            low, high = (
+                _side(lo, dims[d], scale, unit, "--dynamic"),
+                _side(hi, dims[d], scale, unit, "--dynamic"),
             )
-            base[d] = DimRange(latent_lo, min(max(dims[d].opt, latent_lo), latent_hi), latent_hi)
+            base[d] = DimRange(low, min(max(dims[d].opt, low), high), high)
         profiles.append(base)
     return tuple(profiles)
 
@@ -114,9 +129,11 @@ def profile_label(profiles: tuple[Profile, ...], scale: int) -> str:
     label = f"b{span(profiles[0]['batch'])}"
     sizes = []
     for p in profiles:
-        if "height" not in p:
+        spatial = spatial_dims(p, scale)
+        if spatial is None:
             continue
-        h, w = p["height"], p["width"]
+        (height_dim, width_dim), unit = spatial
+        h, w = p[height_dim], p[width_dim]
         static = h.min == h.max and w.min == w.max
-        sizes.append(f"{w.min * scale}x{h.min * scale}" if static else f"dyn{span(h, scale)}")
+        sizes.append(f"{w.min * unit}x{h.min * unit}" if static else f"dyn{span(h, unit)}")
     return f"{label}.{'+'.join(sizes)}" if sizes else label

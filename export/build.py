@@ -43,6 +43,7 @@ from export.onnx_export import (
     ClipWrapper,
     UNetWrapper,
     VaeDecoderWrapper,
+    VaeEncoderWrapper,
     example_inputs,
     export_onnx,
 )
@@ -68,6 +69,7 @@ from runtime.specs import (
     deprojector_spec,
     unet_spec,
     vae_decoder_spec,
+    vae_encoder_spec,
 )
 
 log = logging.getLogger(__name__)
@@ -146,18 +148,26 @@ def deprojector_module(
     return loaded.with_input_kind("pooled").eval(), entry
 
 
+def unet_channels(components: SDComponents) -> int:
+    """The UNet's input channels: 4, or 9 for an inpainting UNet."""
+    return int(components.unet.config.in_channels)  # type: ignore[attr-defined]
+
+
 def model_spec(name: str, components: SDComponents) -> ModelSpec:
-    hidden = components.hidden_size
+    hidden, in_channels = components.hidden_size, unet_channels(components)
     if name == "clip":
         projection = components.text_projection
         return clip_spec(hidden, None if projection is None else int(projection.shape[0]))
     if name == "deprojector":
         return deprojector_spec(hidden)
     if name == "unet":
-        return unet_spec(hidden)
+        return unet_spec(hidden, in_channels)
     if name in DEEPCACHE_MODELS:
         channels = deepcache.feature_channels(components.unet)
-        return (deepcache_full_spec if name == DEEPCACHE_FULL else deepcache_shallow_spec)(hidden, channels)
+        spec = deepcache_full_spec if name == DEEPCACHE_FULL else deepcache_shallow_spec
+        return spec(hidden, channels, in_channels)
+    if name == "vae_encoder":
+        return vae_encoder_spec()
     return vae_decoder_spec()
 
 
@@ -175,6 +185,8 @@ def torch_module(name: str, components: SDComponents, deprojector: nn.Module | N
         return UNetWrapper(components.unet).eval()
     if name == "vae_decoder":
         return VaeDecoderWrapper(components.vae).eval()
+    if name == "vae_encoder":
+        return VaeEncoderWrapper(components.vae).eval()
     if name == DEEPCACHE_FULL:
         return deepcache.FullWrapper(components.unet).eval()
     if name == DEEPCACHE_SHALLOW:
@@ -182,8 +194,11 @@ def torch_module(name: str, components: SDComponents, deprojector: nn.Module | N
     raise ValueError(f"unknown model {name!r}")
 
 
-def dim_ranges(name: str, sample_size: int) -> dict[str, dict[str, int]]:
+def dim_ranges(name: str, sample_size: int, vae_scale_factor: int) -> dict[str, dict[str, int]]:
     latent = {"min": LATENT_MIN, "opt": min(max(sample_size, LATENT_MIN), LATENT_MAX), "max": LATENT_MAX}
+    if name == "vae_encoder":  # its input is the image: sides in pixels, one image per encode
+        pixels = {k: v * vae_scale_factor for k, v in latent.items()}
+        return {"batch": {**BATCH, "opt": 1}, "image_height": pixels, "image_width": pixels}
     if name == "clip":
         return {"batch": BATCH, "tokens": TOKENS}
     if name == "deprojector":
@@ -299,7 +314,8 @@ def _trace_all(
             spec = model_spec(name, components)
             raw = staging / "raw" / name / f"{name}.onnx"
             channels = deepcache.feature_channels(components.unet) if name in DEEPCACHE_MODELS else 0
-            export_onnx(module, example_inputs(name, components.hidden_size, channels), spec, raw)
+            inputs = example_inputs(name, components.hidden_size, channels, unet_channels(components))
+            export_onnx(module, inputs, spec, raw)
             del module, deprojector
     return deprojector_entry
 
@@ -369,7 +385,8 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
                 )
                 shutil.rmtree(raw_dir / name)
                 release_memory()
-                dims = {k: DimRange(**r) for k, r in dim_ranges(name, facts["sample_size"]).items()}
+                ranges = dim_ranges(name, facts["sample_size"], facts["vae_scale_factor"])
+                dims = {k: DimRange(**r) for k, r in ranges.items()}
                 entries[name] = ModelManifest(specs[name], dims, OPSET, files, ort_files)
 
             with progress.stage("manifest"):

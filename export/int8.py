@@ -51,7 +51,7 @@ from runtime.files import write_atomic
 from runtime.manifest import FileEntry, Manifest, ModelManifest
 from runtime.options import GenerateOptions, ResolvedOptions, validate
 from runtime.pipeline import Pipeline
-from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
+from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, INPAINT_CHANNELS
 
 log = logging.getLogger(__name__)
 
@@ -319,6 +319,11 @@ def add_int8(root: Path, opts: Int8Options, threads: int | None = None, force: b
     calibration run loads every graph it quantizes), not hashed again up front."""
     opts = opts.validate()
     bundle = Bundle.open(root)
+    if bundle.unet_in_channels == INPAINT_CHANNELS:
+        raise RequestError(
+            "--int8: an inpainting UNet (9 input channels) cannot be quantized yet: calibration runs "
+            "text-to-image generations, which an inpainting UNet does not make"
+        )
     manifest = bundle.manifest
     models = quantized_models(bundle, opts)
     fp = fingerprint(bundle, opts)

@@ -20,9 +20,11 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from export.tokenizer_files import write_clip_tokenizer_files
 from runtime.schedulers import SD15_SCHEDULER
+from runtime.specs import INPAINT_CHANNELS
 
-PRESETS = ("tiny", "sd15")
+PRESETS = ("tiny", "sd15", "tiny-inpaint", "sd15-inpaint")
 DEFAULT_SEED = 0
+INPAINT_SUFFIX = "-inpaint"  # the same model with an inpainting UNet (SD 1.5 inpainting's 9 inputs)
 
 _CLIP_IDS = {
     "vocab_size": 49408,
@@ -122,13 +124,17 @@ def _random_projection(dim: int, seed: int) -> torch.Tensor:
 
 
 def build_preset(name: str, seed: int = DEFAULT_SEED, cache_dir: Path | None = None) -> SDComponents:
-    """A preset model with seeded random weights (identical for the same name and seed)."""
-    if name not in _CONFIGS:
+    """A preset model with seeded random weights (identical for the same name and seed).
+
+    `<base>-inpaint` is `<base>` with an inpainting UNet: 9 input channels, as in SD 1.5 inpainting."""
+    if name not in PRESETS:
         raise ValueError(f"model preset must be one of {', '.join(PRESETS)}; got {name!r}")
-    cfg = _CONFIGS[name]
+    base = name.removesuffix(INPAINT_SUFFIX)
+    cfg = _CONFIGS[base]
+    unet_config = {**cfg["unet"], **({"in_channels": INPAINT_CHANNELS} if name != base else {})}
     with _seeded(seed):
         text_encoder = CLIPTextModel(CLIPTextConfig(**cfg["clip"]))
-        unet = UNet2DConditionModel(**cfg["unet"])
+        unet = UNet2DConditionModel(**unet_config)
         vae = AutoencoderKL(**cfg["vae"])
     tokenizer_dir = write_clip_tokenizer_files((cache_dir or _default_cache()) / "clip_tokenizer")
     return SDComponents(

@@ -18,7 +18,14 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import Tensor, nn
 from transformers import CLIPTextModel
 
-from runtime.specs import CONTEXT_LENGTH, DEEPCACHE_FULL, DEEPCACHE_SHALLOW, LATENT_CHANNELS, ModelSpec
+from runtime.specs import (
+    CONTEXT_LENGTH,
+    DEEPCACHE_FULL,
+    DEEPCACHE_SHALLOW,
+    LATENT_CHANNELS,
+    VAE_SCALE_FACTOR,
+    ModelSpec,
+)
 
 OPSET = 18
 BOS_ID, EOS_ID = 49406, 49407
@@ -61,6 +68,22 @@ class UNetWrapper(nn.Module):
         return noise_pred
 
 
+class VaeEncoderWrapper(nn.Module):
+    """image [B, 3, H, W] in [0, 1] -> latent_mean, latent_std [B, 4, H/8, W/8], both scaled.
+
+    The [-1, 1] mapping is in the graph (as unscaling is in the decoder's); the runtime samples
+    mean + std · noise with its own generator, like diffusers' `latent_dist.sample(generator)`."""
+
+    def __init__(self, vae: AutoencoderKL) -> None:
+        super().__init__()
+        self.vae: Any = vae
+        self.scaling = float(vae.config.scaling_factor)  # type: ignore[attr-defined]
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
+        posterior = self.vae.encode(2.0 * image - 1.0).latent_dist
+        return posterior.mean * self.scaling, posterior.std * self.scaling
+
+
 class VaeDecoderWrapper(nn.Module):
     """latent [B, 4, h, w] -> image [B, 3, 8h, 8w] in [0, 1]: unscaling and clamping in the graph."""
 
@@ -88,16 +111,22 @@ def example_ids(batch: int, tokens: int, seed: int = 0) -> Tensor:
     return ids
 
 
-def example_inputs(name: str, hidden: int, feature_channels: int = 0) -> tuple[Tensor, ...]:
+def example_inputs(
+    name: str, hidden: int, feature_channels: int = 0, unet_channels: int = LATENT_CHANNELS
+) -> tuple[Tensor, ...]:
     """Trace inputs for model `name`: batch 2, two prompt chunks, a non-square 16x24 latent
-    (`feature_channels`: the cached feature's, for the step-caching shallow UNet)."""
+    (`feature_channels`: the cached feature's, for the step-caching shallow UNet; `unet_channels`:
+    the UNet's input channels, 9 for an inpainting UNet)."""
     gen = torch.Generator().manual_seed(0)
     if name == "clip":
         return (example_ids(2, 2 * CONTEXT_LENGTH),)
     if name == "deprojector":
         return (torch.randn(2, hidden, generator=gen),)
+    if name == "vae_encoder":
+        return (torch.rand(2, 3, 16 * VAE_SCALE_FACTOR, 24 * VAE_SCALE_FACTOR, generator=gen),)
     latent = torch.randn(2, LATENT_CHANNELS, 16, 24, generator=gen)
-    unet = latent, torch.tensor([999.0]), torch.randn(2, 2 * CONTEXT_LENGTH, hidden, generator=gen)
+    sample = torch.randn(2, unet_channels, 16, 24, generator=gen)
+    unet = sample, torch.tensor([999.0]), torch.randn(2, 2 * CONTEXT_LENGTH, hidden, generator=gen)
     if name in ("unet", DEEPCACHE_FULL):
         return unet
     if name == DEEPCACHE_SHALLOW:

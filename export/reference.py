@@ -19,9 +19,13 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    LCMScheduler,
     PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from PIL import Image
 
@@ -41,6 +45,9 @@ _SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
         DPMSolverMultistepScheduler,
         {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
     ),
+    "lcm": (LCMScheduler, {}),
+    # No "tcd": its gamma is a step() argument that the pipelines fill with their own `eta`
+    # (0.0 unless given), so this reference would run TCD deterministically, not with gamma 0.3.
 }
 
 
@@ -117,24 +124,37 @@ class ReferencePipeline:
         latents: torch.Tensor | None = None,
         output_type: str = "np",
         cache_interval: int = 1,
+        init_image: Image.Image | None = None,
+        mask: Image.Image | None = None,
+        strength: float = 0.75,
+        mask_blur: int = 0,
     ) -> Any:
         """Images as float (N, H, W, 3) in [0, 1] (output_type="np") or PIL images ("pil").
 
         `cache_interval` N > 1: step caching (export/deepcache.py), the whole UNet on calls
-        0, N, 2N, ... and only its shallow part in between; 1 is diffusers' plain loop."""
+        0, N, 2N, ... and only its shallow part in between; 1 is diffusers' plain loop.
+        `init_image`: img2img (StableDiffusionImg2ImgPipeline) at `strength`, or with `mask`
+        (white = repaint) inpainting (StableDiffusionInpaintPipeline: an inpainting UNet reads the
+        mask, a standard one blends latents), the mask blurred first by `mask_blur` px if > 0."""
         if not isinstance(cache_interval, int) or cache_interval < 1:
             raise ValueError(f"cache_interval must be an integer >= 1; got {cache_interval!r}")
         c = self.components
-        pipe = StableDiffusionPipeline(
-            vae=c.vae,
-            text_encoder=c.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=c.unet,
-            scheduler=diffusers_scheduler(scheduler, c.scheduler_config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        parts = {
+            "vae": c.vae, "text_encoder": c.text_encoder, "tokenizer": self.tokenizer, "unet": c.unet,
+            "scheduler": diffusers_scheduler(scheduler, c.scheduler_config), "safety_checker": None,
+            "feature_extractor": None, "requires_safety_checker": False,
+        }  # fmt: skip
+        size: dict[str, Any] = {"height": height, "width": width, "latents": latents}
+        if init_image is None:
+            pipe: Any = StableDiffusionPipeline(**parts)
+        elif mask is None:
+            pipe = StableDiffusionImg2ImgPipeline(**parts)
+            size = {"image": init_image, "strength": strength}
+        else:
+            pipe = StableDiffusionInpaintPipeline(**parts)
+            if mask_blur:
+                mask = VaeImageProcessor.blur(mask, mask_blur)
+            size = {**size, "image": init_image, "mask_image": mask, "strength": strength}
         pipe.set_progress_bar_config(disable=True)
         with cached_unet(c.unet, cache_interval):
             result = pipe(
@@ -142,11 +162,9 @@ class ReferencePipeline:
                 negative_prompt_embeds=self.encode([negative_prompt]).last_hidden_state,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                height=height,
-                width=width,
                 generator=torch.Generator().manual_seed(seed),
-                latents=latents,
                 output_type=output_type,
+                **size,
             )
         return result.images
 

@@ -123,6 +123,13 @@ class Bundle:
         return "deprojector" in self.models
 
     @property
+    def unet_in_channels(self) -> int:
+        """4, or 9 (runtime.specs.INPAINT_CHANNELS) for an inpainting UNet."""
+        channels = self.models["unet"].spec.inputs[0].shape[1]
+        assert isinstance(channels, int), "unet.sample's channel dim is fixed"
+        return channels
+
+    @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this many pixels (VAE factor x UNet downsampling)."""
         return self.vae_scale_factor * self.manifest.latent_multiple

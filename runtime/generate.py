@@ -19,7 +19,17 @@ from runtime.bundle import VERIFY_MODES, Bundle
 from runtime.cli import positive_int, report, size_argument
 from runtime.errors import EXIT_SETUP, RequestError, SetupError
 from runtime.image import IMAGE_FORMATS, check_writable, infotext, save_image
-from runtime.options import COMPOSE_MODES, DEFAULT_SEED, GenerateOptions, validate
+from runtime.init_image import RESIZE_MODES, read_image_file
+from runtime.options import (
+    COMPOSE_MODES,
+    DEFAULT_SEED,
+    DEFAULT_STRENGTH,
+    MASK_MODES,
+    MAX_MASK_BLUR,
+    GenerateOptions,
+    options_from,
+    validate,
+)
 from runtime.pipeline import Pipeline
 from runtime.schedulers import SCHEDULERS
 from runtime.tokenizer import LONG_PROMPT_MODES
@@ -93,6 +103,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="step caching: the whole UNet every N-th step, its shallow part in between "
         "(faster, approximate; needs a bundle exported with --deepcache); 1 = off (default)",
     )
+    img2img = p.add_argument_group("img2img and inpainting (a bundle with the VAE encoder)")
+    img2img.add_argument(
+        "--init-image", type=Path, default=None, help="start from this image (RGB or grayscale)"
+    )
+    img2img.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help=f"0 < S <= 1: how far from the init image (default {DEFAULT_STRENGTH}); of --steps, the last "
+        "int(steps x S) run",
+    )
+    img2img.add_argument(
+        "--mask", type=Path, default=None, help="inpainting mask (white = repaint), the init image's size"
+    )
+    img2img.add_argument(
+        "--mask-blur", type=int, default=0, help=f"Gaussian blur of the mask in pixels (0-{MAX_MASK_BLUR})"
+    )
+    img2img.add_argument(
+        "--mask-mode",
+        choices=MASK_MODES,
+        default="auto",
+        help="unet: an inpainting UNet reads the mask; blend: keep the unmasked latents (any UNet); "
+        "auto: unet if the bundle's UNet is an inpainting one",
+    )
+    img2img.add_argument(
+        "--resize-mode",
+        choices=RESIZE_MODES,
+        default="just_resize",
+        help="fitting an init image of another size: stretch, crop to fill, or fit and pad with its edges",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -111,22 +151,15 @@ def _out_paths(out: Path, count: int) -> list[Path]:
 
 
 def _options(args: argparse.Namespace) -> GenerateOptions:
-    width, height = args.size if args.size is not None else (None, None)
-    return GenerateOptions(
+    """The request, init image and mask read from their files (RequestError naming the flag)."""
+    init_image = None if args.init_image is None else read_image_file(args.init_image, "--init-image")
+    mask = None if args.mask is None else read_image_file(args.mask, "--mask", mask=True)
+    return options_from(
+        vars(args),
         prompts=tuple(args.prompt),
         negative_prompts=tuple(args.negative),
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        width=width,
-        height=height,
-        scheduler=args.scheduler,
-        mode=args.mode,
-        compose_mode=args.compose_mode,
-        normalize=args.normalize,
-        num_images=args.num_images,
-        long_prompt=args.long_prompt,
-        cache_interval=args.cache_interval,
+        init_image=init_image,
+        mask=mask,
     )
 
 

@@ -49,6 +49,11 @@ def infotext(result: Result, index: int, backend: str, precision: str, model: st
         settings.update({"Compose": o.compose_mode, "Normalize": o.normalize})
     if o.cache_interval > 1:  # only when on: exact images keep their text unchanged
         settings["Cache interval"] = o.cache_interval
+    if o.strength is not None:  # img2img / inpainting, in A1111's words where it has them
+        settings["Denoising strength"] = o.strength
+        settings["Resize mode"] = o.resize_mode
+    if o.mask is not None:
+        settings.update({"Mask blur": o.mask_blur, "Mask mode": o.mask_mode})
     return parameters_text(o.prompts[prompt_index], o.negative_prompts[prompt_index], settings)
 
 

@@ -14,7 +14,7 @@
       "deprojector": null | {"variant": "v3", "checkpoint": "...", "input": "pooled",
                              "dir": "deprojector_checkpoint", "files": {...}},
       "models": {
-        "clip" | "deprojector" | "unet" | "vae_decoder"
+        "clip" | "deprojector" | "unet" | "vae_encoder" | "vae_decoder"
         | "unet_deepcache_full" | "unet_deepcache_shallow": {      # the last two: export --deepcache
           "inputs":  [{"name": "sample", "dtype": "float32", "shape": ["batch", 4, "height", "width"]}],
           "outputs": [...],
@@ -39,8 +39,9 @@ CUDA prefers them, TensorRT and OpenVINO read `files`.
 
 Format 2 (this one) added the typed schema, full validation at open, and hashes of the tokenizer
 files; a format-1 bundle is refused with the re-export command. The step-caching graphs
-(`unet_deepcache_*`) are optional models added within format 2, and so is the int8 file set (an
-OpenVINO IR, export/int8.py): older bundles still open.
+(`unet_deepcache_*`) are optional models added within format 2, and so are the int8 file set (an
+OpenVINO IR, export/int8.py) and `vae_encoder` (img2img, inpainting): older bundles still open.
+An inpainting UNet is told by its `sample` input's channels (9 instead of 4).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, ModelSpec, TensorSp
 
 FORMAT = "sdrt-bundle"
 FORMAT_VERSION = 2
-MODEL_NAMES = ("clip", "deprojector", "unet", "vae_decoder", DEEPCACHE_FULL, DEEPCACHE_SHALLOW)
+MODEL_NAMES = ("clip", "deprojector", "unet", "vae_encoder", "vae_decoder", DEEPCACHE_FULL, DEEPCACHE_SHALLOW)
 REQUIRED_MODELS = ("clip", "unet", "vae_decoder")
 OPTIONAL_MODELS = tuple(name for name in MODEL_NAMES if name not in REQUIRED_MODELS)
 FILE_SETS = ("fp32", "fp16", "int8")  # int8: OpenVINO IR (export --int8), UNets and optionally the VAE

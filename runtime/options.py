@@ -12,8 +12,9 @@ import numpy as np
 from runtime.bundle import Bundle
 from runtime.compose import parse_prompt
 from runtime.errors import RequestError
+from runtime.init_image import RESIZE_MODES, check_array, default_size, fit, prepare_mask
 from runtime.schedulers import SCHEDULERS, make_scheduler
-from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
+from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, INPAINT_CHANNELS
 from runtime.tokenizer import LONG_PROMPT_MODES
 
 MODES = ("standard", "deproject", "compose")
@@ -22,6 +23,12 @@ DEFAULT_SEED = 0
 MAX_STEPS = 1000
 MAX_IMAGES = 64
 MAX_CACHE_INTERVAL = 1000  # = MAX_STEPS: a larger interval is the same as this one
+# Inpainting: "unet" feeds the mask to an inpainting UNet (9 input channels, diffusers'
+# StableDiffusionInpaintPipeline); "blend" keeps the unmasked area from the re-noised init latents
+# after every step (diffusers' legacy inpainting, any UNet); "auto" picks by the bundle's UNet.
+MASK_MODES = ("auto", "unet", "blend")
+DEFAULT_STRENGTH = 0.75  # A1111's default denoising strength
+MAX_MASK_BLUR = 64
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,13 @@ class GenerateOptions:
     latents: np.ndarray | None = field(default=None, compare=False)  # (N, 4, h, w) initial noise
     # Step caching: the whole UNet every N-th step, its shallow part in between; 1 = off (exact).
     cache_interval: int = 1
+    # img2img / inpainting (runtime/init_image.py reads files and bytes into these arrays).
+    init_image: np.ndarray | None = field(default=None, compare=False)  # uint8 (H, W, 3) RGB
+    mask: np.ndarray | None = field(default=None, compare=False)  # uint8 (H, W); white = repaint
+    strength: float | None = None  # 0 < s <= 1; None: DEFAULT_STRENGTH with an init image
+    mask_blur: int = 0  # Gaussian blur radius of the mask in pixels, before it is binarized
+    mask_mode: str = "auto"
+    resize_mode: str = "just_resize"  # how an init image of another size is fitted
 
     @property
     def total_images(self) -> int:
@@ -69,6 +83,12 @@ class ResolvedOptions:
     long_prompt: str
     latents: np.ndarray | None = field(default=None, compare=False)
     cache_interval: int = 1
+    init_image: np.ndarray | None = field(default=None, compare=False)  # uint8 (height, width, 3)
+    mask: np.ndarray | None = field(default=None, compare=False)  # float32 (height, width), 1 = repaint
+    strength: float | None = None  # set exactly when init_image is
+    mask_blur: int = 0
+    mask_mode: str | None = None  # "unet" or "blend" exactly when mask is set
+    resize_mode: str = "just_resize"
 
     @property
     def total_images(self) -> int:
@@ -205,14 +225,21 @@ def validate(options: GenerateOptions | ResolvedOptions, bundle: Bundle) -> Reso
                     f"got {prompt!r:.60}"
                 )
     h_range, w_range = bundle.image_size_range()
+    multiple, factor = bundle.size_multiple, bundle.vae_scale_factor
+    init_image = None if o.init_image is None else check_array(o.init_image, "init_image")
     height = o.height if o.height is not None else h_range.opt
     width = o.width if o.width is not None else w_range.opt
-    multiple, factor = bundle.size_multiple, bundle.vae_scale_factor
+    if init_image is not None and o.height is None and o.width is None:
+        width, height = default_size(init_image, multiple, (w_range.max, h_range.max))
     for name, value, r in (("height", height, h_range), ("width", width, w_range)):
         low, high = -(-r.min // multiple) * multiple, r.max // multiple * multiple
         if not _is_int(value) or value % multiple or not low <= value <= high:
+            source = ""
+            if init_image is not None and o.height is None and o.width is None:
+                shape = init_image.shape
+                source = f" (taken from init_image's {shape[1]}x{shape[0]}: give a size)"
             raise RequestError(
-                f"{name} must be a multiple of {multiple} from {low} to {high}; got {value!r:.40}"
+                f"{name} must be a multiple of {multiple} from {low} to {high}; got {value!r:.40}{source}"
             )
     if not _is_int(o.cache_interval) or not 1 <= o.cache_interval <= MAX_CACHE_INTERVAL:
         raise RequestError(
@@ -225,6 +252,7 @@ def validate(options: GenerateOptions | ResolvedOptions, bundle: Bundle) -> Reso
             f"{bundle.root} has none: re-export it with `python -m export ... --deepcache`, "
             "or use cache_interval 1"
         )
+    image_fields = _image_fields(o, bundle, init_image, width, height)
     if o.latents is not None:
         expected = (o.total_images, bundle.latent_channels, height // factor, width // factor)
         if not isinstance(o.latents, np.ndarray) or o.latents.shape != expected \
@@ -234,5 +262,69 @@ def validate(options: GenerateOptions | ResolvedOptions, bundle: Bundle) -> Reso
         prompts=tuple(o.prompts), negative_prompts=negatives, steps=o.steps, guidance=float(o.guidance),
         seed=o.seed, height=height, width=width, scheduler=o.scheduler, mode=o.mode,
         compose_mode=o.compose_mode, normalize=o.normalize, num_images=o.num_images,
-        long_prompt=o.long_prompt, latents=o.latents, cache_interval=o.cache_interval,
+        long_prompt=o.long_prompt, latents=o.latents, cache_interval=o.cache_interval, **image_fields,
     )  # fmt: skip
+
+
+def _image_fields(
+    o: GenerateOptions, bundle: Bundle, init_image: np.ndarray | None, width: int, height: int
+) -> dict[str, Any]:
+    """The img2img / inpainting fields of ResolvedOptions: checked, images fitted to the size."""
+    _choice("mask_mode", o.mask_mode, MASK_MODES)
+    _choice("resize_mode", o.resize_mode, RESIZE_MODES)
+    if not _is_int(o.mask_blur) or not 0 <= o.mask_blur <= MAX_MASK_BLUR:
+        raise RequestError(
+            f"mask_blur must be an integer from 0 to {MAX_MASK_BLUR} pixels; got {o.mask_blur!r:.40}"
+        )
+    inpainting_unet = bundle.unet_in_channels == INPAINT_CHANNELS
+    if init_image is None:
+        for name, value in (("mask", o.mask), ("strength", o.strength)):
+            if value is not None:
+                raise RequestError(f"{name} needs an init_image (img2img / inpainting); none was given")
+        if inpainting_unet:
+            raise RequestError(f"bundle {bundle.root} has an inpainting UNet: give an init_image and a mask")
+        return {}
+    if "vae_encoder" not in bundle.models:
+        raise RequestError(
+            f"init_image needs a bundle with the VAE encoder; {bundle.root} has none: re-export it "
+            "with `python -m export --model MODEL --out BUNDLE`"
+        )
+    strength = DEFAULT_STRENGTH if o.strength is None else o.strength
+    number = isinstance(strength, (int, float)) and not isinstance(strength, bool)
+    if not number or not math.isfinite(strength) or not 0 < strength <= 1:
+        raise RequestError(f"strength must be a number with 0 < strength <= 1; got {strength!r:.40}")
+    if min(int(o.steps * strength), o.steps) < 1:
+        raise RequestError(
+            f"strength x steps must give at least one step: {strength} x {o.steps} runs none; "
+            f"raise strength to >= {1 / o.steps:.3g} or steps to >= {math.ceil(1 / strength)}"
+        )
+    fields_: dict[str, Any] = {
+        "init_image": fit(init_image, width, height, o.resize_mode), "strength": float(strength),
+        "resize_mode": o.resize_mode,
+    }  # fmt: skip
+    if o.mask is None:
+        if inpainting_unet:
+            raise RequestError(
+                f"bundle {bundle.root} has an inpainting UNet: give a mask with the init_image"
+            )
+        if o.mask_mode != "auto" or o.mask_blur:
+            raise RequestError("mask_mode and mask_blur need a mask; none was given")
+        return fields_
+    mask = check_array(o.mask, "mask", mask=True)
+    if mask.shape != init_image.shape[:2]:
+        raise RequestError(
+            f"mask must have the init_image's size {init_image.shape[1]}x{init_image.shape[0]}; "
+            f"got {mask.shape[1]}x{mask.shape[0]}"
+        )
+    mode = o.mask_mode if o.mask_mode != "auto" else ("unet" if inpainting_unet else "blend")
+    if mode == "unet" and not inpainting_unet:
+        raise RequestError(
+            f"mask_mode 'unet' needs an inpainting UNet (9 input channels); {bundle.root}'s has "
+            f"{bundle.unet_in_channels}: use mask_mode 'blend' or 'auto'"
+        )
+    binary = prepare_mask(mask, width, height, o.resize_mode, o.mask_blur)
+    if not binary.any():
+        raise RequestError("mask is all black: nothing would be repainted (white marks the area to repaint)")
+    if binary.all():
+        raise RequestError("mask is all white: everything would be repainted; for that, leave the mask out")
+    return {**fields_, "mask": binary, "mask_blur": o.mask_blur, "mask_mode": mode}

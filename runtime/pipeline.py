@@ -1,5 +1,6 @@
 """Wire the stages in data-flow order: prompt -> tokens -> CLIP -> (compose -> deproject)
--> UNet loop with CFG -> VAE -> images. No torch; the backend does the model math."""
+-> start latents (noise, or init image -> VAE encoder -> noised) -> UNet loop with CFG -> VAE
+decoder -> images. No torch; the backend does the model math."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime import start_latents
 from runtime.backends import Backend, BackendConfig, open_backend
 from runtime.bundle import Bundle
 from runtime.conditioning import prompt_states
@@ -17,6 +19,9 @@ from runtime.denoise import denoise, unet_models
 from runtime.guidance import uses_uncond
 from runtime.options import GenerateOptions, ResolvedOptions, validate
 from runtime.schedulers import make_scheduler
+from runtime.schedulers.base import Scheduler
+from runtime.specs import INPAINT_CHANNELS
+from runtime.start_latents import Start, begin_index
 from runtime.tokenizer import ClipTokenizer
 from runtime.vae import decode
 
@@ -47,15 +52,22 @@ class Pipeline:
         self.tokenizer = ClipTokenizer(self.bundle.tokenizer_dir, t.bos_id, t.eos_id, t.pad_id)
 
     def denoising_steps(self, options: GenerateOptions | ResolvedOptions) -> int:
-        """UNet calls per image: PNDM makes one more than `steps` (its PLMS warm-up)."""
+        """UNet calls per image: PNDM makes one more than `steps` (its PLMS warm-up); img2img and
+        inpainting skip the first steps (diffusers' rule, `begin_index`)."""
         o = validate(options, self.bundle)
-        return len(make_scheduler(o.scheduler, self.bundle.scheduler_config).set_timesteps(o.steps))
+        planned = len(make_scheduler(o.scheduler, self.bundle.scheduler_config).set_timesteps(o.steps))
+        return planned - (0 if o.strength is None else begin_index(o.steps, o.strength))
 
     @staticmethod
     def models_for(options: GenerateOptions | ResolvedOptions) -> list[str]:
         """The bundle models a generation runs, in the order it first needs them."""
         text = ["clip"] if options.mode == "standard" else ["clip", "deprojector"]
-        return [*text, *unet_models(options.cache_interval), "vae_decoder"]
+        encoder = [] if options.init_image is None else ["vae_encoder"]
+        return [*text, *encoder, *unet_models(options.cache_interval), "vae_decoder"]
+
+    def _scheduler(self, o: ResolvedOptions) -> tuple[Scheduler, np.ndarray]:
+        scheduler = make_scheduler(o.scheduler, self.bundle.scheduler_config)
+        return scheduler, scheduler.set_timesteps(o.steps)
 
     def generate(
         self,
@@ -66,55 +78,62 @@ class Pipeline:
         o = validate(options, self.bundle)
         self.backend.prepare(self.models_for(o))
         timings: dict[str, float] = {}
-        start = time.perf_counter()
+        clock = time.perf_counter()
         uncond, cond = prompt_states(self.backend, self.tokenizer, o)  # (P, 77·k, D) each
         uncond, cond = (np.repeat(s, o.num_images, axis=0) for s in (uncond, cond))  # (N, 77·k, D)
-        timings["text"] = time.perf_counter() - start
+        timings["text"] = time.perf_counter() - clock
 
+        clock = time.perf_counter()
         rngs = o.rngs()
-        latents = o.initial_latents(self.bundle.latent_channels, self.bundle.vae_scale_factor, rngs)
-        # latents: (N, 4, h, w)
+        begin = start_latents.start(
+            self.backend, self._scheduler(o)[0], o, rngs, self.bundle.latent_channels,
+            self.bundle.vae_scale_factor, self.bundle.unet_in_channels == INPAINT_CHANNELS,
+        )  # fmt: skip
+        if o.init_image is not None:
+            timings["encode"] = time.perf_counter() - clock
         per_call = max(
             1, self.bundle.models["unet"].dims["batch"].max // (2 if uses_uncond(o.guidance) else 1)
         )
 
-        start = time.perf_counter()
+        clock = time.perf_counter()
         finished = []
-        for first in range(0, o.total_images, per_call):
-            rows = slice(first, first + per_call)
+        for row in range(0, o.total_images, per_call):
+            rows = slice(row, row + per_call)
             finished.append(
-                self._denoise(o, latents[rows], uncond[rows], cond[rows], rngs[rows], on_step, cancel)
+                self._denoise(o, begin.rows(rows), uncond[rows], cond[rows], rngs[rows], on_step, cancel)
             )
-        timings["denoise"] = time.perf_counter() - start
+        timings["denoise"] = time.perf_counter() - clock
 
-        start = time.perf_counter()
+        clock = time.perf_counter()
         images = decode(self.backend, np.concatenate(finished))
-        timings["decode"] = time.perf_counter() - start
+        timings["decode"] = time.perf_counter() - clock
         return Result(images, o.seeds, o, timings)
 
     def _denoise(
         self,
         o: ResolvedOptions,
-        latents: np.ndarray,
+        start: Start,
         uncond: np.ndarray,
         cond: np.ndarray,
         rngs: list[np.random.Generator],
         on_step: StepCallback | None,
         cancel: Callable[[], bool] | None,
     ) -> np.ndarray:
-        scheduler = make_scheduler(o.scheduler, self.bundle.scheduler_config)
-        timesteps = scheduler.set_timesteps(o.steps)
+        scheduler, timesteps = self._scheduler(o)
+        if start.begin:
+            scheduler.set_begin_index(start.begin)
         states = np.concatenate([uncond, cond]) if uses_uncond(o.guidance) else cond
+        shape = start.latents.shape[1:]
 
         def noise() -> np.ndarray:
-            return np.stack([rng.standard_normal(latents.shape[1:], dtype=np.float32) for rng in rngs])
+            return np.stack([rng.standard_normal(shape, dtype=np.float32) for rng in rngs])
 
-        x = latents * np.float32(scheduler.init_noise_sigma)
+        x = start.latents
         steps = denoise(
             self.backend,
             scheduler,
             timesteps,
-            x,
+            start,
             states,
             o.guidance,
             noise if scheduler.stochastic else None,
@@ -124,7 +143,9 @@ class Pipeline:
             if on_step is not None:
                 on_step(i, t, x)
             if cancel is not None and cancel():
-                raise Cancelled(f"cancelled after step {i + 1} of {len(timesteps)}")
+                raise Cancelled(
+                    f"cancelled after step {i + 1 - start.begin} of {len(timesteps) - start.begin}"
+                )
         return x
 
     def close(self) -> None:

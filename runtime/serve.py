@@ -62,7 +62,8 @@ def add_server_flags(p: argparse.ArgumentParser, exclude: Collection[str] = ()) 
     add(limits, "--max-side", "pixels (default: the bundle's)", type=int)
     add(limits, "--max-images", f"default {lim.max_images}", type=int)
     add(limits, "--max-prompt-chars", f"default {lim.max_prompt_chars}", type=int)
-    add(limits, "--max-body-bytes", f"larger bodies get 413 (default {lim.max_body_bytes})", type=int)
+    add(limits, "--max-body-bytes", "larger bodies get 413; room for an init image and a mask as "
+        f"base64 (default {lim.max_body_bytes}: {lim.max_body_bytes / 2**20:g} MiB)", type=int)  # fmt: skip
     add(limits, "--timeout", f"deadline in seconds (default {lim.timeout_s:g})", type=float)
     add(limits, "--read-timeout", "seconds for a request's headers, then its body, to arrive; "
         f"else 408 and the connection is closed (default {lim.read_timeout_s:g})", type=float)  # fmt: skip

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 CONTEXT_LENGTH = 77
 LATENT_CHANNELS = 4
 VAE_SCALE_FACTOR = 8
+# An inpainting UNet (SD 1.5 inpainting) reads the latents, the mask and the masked image's latents.
+MASK_CHANNELS = 1
+INPAINT_CHANNELS = LATENT_CHANNELS + MASK_CHANNELS + LATENT_CHANNELS
 
 
 @dataclass(frozen=True)
@@ -62,11 +65,12 @@ def deprojector_spec(hidden: int) -> ModelSpec:
     )
 
 
-def unet_spec(hidden: int) -> ModelSpec:
+def unet_spec(hidden: int, in_channels: int = LATENT_CHANNELS) -> ModelSpec:
+    """`in_channels`: 4, or INPAINT_CHANNELS for an inpainting UNet (same output)."""
     return ModelSpec(
         "unet",
         (
-            TensorSpec("sample", "float32", ("batch", LATENT_CHANNELS, "height", "width")),
+            TensorSpec("sample", "float32", ("batch", in_channels, "height", "width")),
             TensorSpec("timestep", "float32", (1,)),
             TensorSpec("encoder_hidden_states", "float32", ("batch", "tokens", hidden)),
         ),
@@ -83,16 +87,16 @@ def _deep_feature(channels: int) -> TensorSpec:
     return TensorSpec(DEEP_FEATURE, "float32", ("batch", channels, "height", "width"))
 
 
-def deepcache_full_spec(hidden: int, channels: int) -> ModelSpec:
+def deepcache_full_spec(hidden: int, channels: int, in_channels: int = LATENT_CHANNELS) -> ModelSpec:
     """The UNet that also returns the feature step caching reuses (export/deepcache.py): the
     hidden state entering the cached skip branch of the last up block, at latent resolution."""
-    unet = unet_spec(hidden)
+    unet = unet_spec(hidden, in_channels)
     return ModelSpec(DEEPCACHE_FULL, unet.inputs, (*unet.outputs, _deep_feature(channels)))
 
 
-def deepcache_shallow_spec(hidden: int, channels: int) -> ModelSpec:
+def deepcache_shallow_spec(hidden: int, channels: int, in_channels: int = LATENT_CHANNELS) -> ModelSpec:
     """The shallow part of the UNet only, taking the deep feature of the last full step."""
-    unet = unet_spec(hidden)
+    unet = unet_spec(hidden, in_channels)
     return ModelSpec(DEEPCACHE_SHALLOW, (*unet.inputs, _deep_feature(channels)), unet.outputs)
 
 
@@ -101,4 +105,16 @@ def vae_decoder_spec() -> ModelSpec:
         "vae_decoder",
         (TensorSpec("latent", "float32", ("batch", LATENT_CHANNELS, "height", "width")),),
         (TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width")),),
+    )
+
+
+def vae_encoder_spec() -> ModelSpec:
+    """image in [0, 1] -> the latent distribution's mean and std, both already multiplied by the
+    VAE's scaling factor: the runtime draws latent = mean + std · noise itself, as diffusers'
+    `latent_dist.sample(generator)` does, so the randomness stays the caller's."""
+    latent = ("batch", LATENT_CHANNELS, "height", "width")
+    return ModelSpec(
+        "vae_encoder",
+        (TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width")),),
+        (TensorSpec("latent_mean", "float32", latent), TensorSpec("latent_std", "float32", latent)),
     )

@@ -13,6 +13,10 @@ UNet backend call, as a share of the step, and with static shapes the compile of
 
     python scripts/bench_e2e.py --bundle bundles/sd15 --size 256x256 --steps 10 --repeats 3
 
+`--img2img S` makes the workload image-to-image at strength S (export/init_images.py's init image,
+diffusers' StableDiffusionImg2ImgPipeline as the baseline; the peers are text-to-image only here and
+are skipped): it reports the UNet calls per image and the VAE encoder's share of a generation.
+
 The peers pin versions that cannot share .venv, so each runs from its own virtualenv, made with
 the exported folder of the same weights by a setup script:
 - `bash scripts/setup_optimum.sh BUNDLE`: --optimum-python .venv-optimum/bin/python
@@ -42,6 +46,7 @@ import numpy as np
 from bench_peers import PEERS, timed_runs
 
 from export.compare.cpu import BF16_FLAGS, cpu_flags, cpu_model
+from export.init_images import init_image
 from runtime.cli import size_argument
 
 # runtime engines: (backend, precision, static shapes) of the runtime's BackendConfig
@@ -107,6 +112,8 @@ def _has_int8(bundle: Path) -> bool:
 
 def _skip_reason(engine: str, args: argparse.Namespace, cpu: dict[str, Any]) -> str | None:
     """Why an engine is not run here (None: it runs)."""
+    if args.img2img is not None and engine in PEERS:
+        return "the peers run text-to-image only in this bench (--img2img)"
     if engine in INT8_RUNTIMES and not _has_int8(args.bundle):
         return "the bundle has no int8 UNet (python -m export --model MODEL --out BUNDLE --int8)"
     if engine.startswith("openvino_genai") and args.scheduler != "ddim":
@@ -170,6 +177,8 @@ def worker_runtime(
         width=width,
         scheduler=args.scheduler,
         cache_interval=args.cache_interval,
+        init_image=None if args.img2img is None else init_image(width, height),
+        strength=args.img2img,
     )
     overheads: list[float] = []
     images: list[np.ndarray] = []
@@ -200,6 +209,9 @@ def worker_runtime(
     result = timed_runs(first, args.repeats, run)
     result["step_overhead_share"] = {"median": statistics.median(overheads), "max": max(overheads)}
     result["call_median_s"] = {model: statistics.median(c) for model, c in backend.calls.items()}
+    result["unet_calls_per_image"] = pipe.denoising_steps(options)
+    if args.img2img is not None:  # the encoder's median call against the median generation
+        result["encoder_share"] = result["call_median_s"]["vae_encoder"] / result["median_s"]
     shape_cache = getattr(backend.inner, "static", None)
     if shape_cache is not None:  # each new shape's compile, paid once by the first image
         result["static_compiles"] = [
@@ -248,14 +260,21 @@ def _image_parity(report: Path, engines: list[str]) -> dict[str, dict[str, Any]]
 
 def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> dict[str, Any]:
     import torch
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionPipeline,
+    )
+    from PIL import Image
 
     from export.models import load_bundle_model
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     c = load_bundle_model(args.bundle)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    pipe = StableDiffusionPipeline(
+    pipeline_class = StableDiffusionPipeline if args.img2img is None else StableDiffusionImg2ImgPipeline
+    pipe = pipeline_class(
         vae=c.vae,
         text_encoder=c.text_encoder,
         tokenizer=c.tokenizer(),
@@ -272,16 +291,19 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
     pipe.set_progress_bar_config(disable=True)
     width, height = args.size
 
+    workload: dict[str, Any] = {"height": height, "width": width}
+    if args.img2img is not None:
+        workload = {"image": Image.fromarray(init_image(width, height)), "strength": args.img2img}
+
     @torch.inference_mode()
     def run() -> None:
         pipe(
             args.prompt,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
-            height=height,
-            width=width,
             generator=torch.Generator().manual_seed(0),
             output_type="np",
+            **workload,
         )
 
     def first() -> float:
@@ -370,7 +392,9 @@ def _print_table(results: dict[str, Any], ours: str | None) -> None:
                   f"max {share['max']:.3%} of a step")  # fmt: skip
         if "call_median_s" in r:
             calls = ", ".join(f"{m} {t:.3f} s" for m, t in r["call_median_s"].items())
-            print(f"{name}: median per call: {calls}")
+            print(f"{name}: median per call: {calls}; {r['unet_calls_per_image']} UNet calls per image")
+        if "encoder_share" in r:
+            print(f"{name}: VAE encoder {r['encoder_share']:.2%} of a generation")
         for c in r.get("static_compiles", []):
             state = "FAILED, ran dynamic" if c["failed"] else "compiled"
             print(f"{name}: static {c['model']} {state} for its shape in {c['seconds']:.2f} s (first image)")
@@ -451,6 +475,10 @@ def main() -> int:
     p.add_argument(
         "--cache-interval", type=int, default=1, help="step caching for the runtime engines (1 = off)"
     )
+    p.add_argument(
+        "--img2img", type=float, default=None, metavar="STRENGTH",
+        help="image-to-image at this strength (0 < S <= 1) instead of text-to-image",
+    )  # fmt: skip
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
@@ -490,6 +518,8 @@ def main() -> int:
         p.error("--ov-python and --ov-model go together")
     if args.cache_interval < 1:
         p.error(f"--cache-interval must be >= 1; got {args.cache_interval}")
+    if args.img2img is not None and not 0 < args.img2img <= 1:
+        p.error(f"--img2img must be a strength with 0 < S <= 1; got {args.img2img:g}")
     if args.timeout <= 0:
         p.error(f"--timeout must be > 0 seconds; got {args.timeout:g}")
     if args.ours is not None and args.ours not in set(engines) & set(RUNTIME_ENGINES):
@@ -506,6 +536,7 @@ def main() -> int:
         "guidance": args.guidance,
         "scheduler": args.scheduler,
         "cache_interval": args.cache_interval,
+        "img2img_strength": args.img2img,
         "repeats": args.repeats,
         "bundle": str(args.bundle),
         "threads": args.threads,

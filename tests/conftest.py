@@ -41,7 +41,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if "tiny_bundle" in getattr(item, "fixturenames", ()):
+        if {"tiny_bundle", "tiny_inpaint_bundle"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
 
 
@@ -61,6 +61,22 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with FileLock(str(shared / "tiny-bundle.lock")):
         if not (out / "manifest.json").is_file():
             export_bundle(ExportOptions(model="tiny", out=out, precision="both"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_inpaint_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny-inpaint preset (a 9-channel inpainting UNet), fp32, exported once like `tiny_bundle`."""
+    from filelock import FileLock
+
+    from export.build import ExportOptions, export_bundle
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "tiny-inpaint-bundle"
+    with FileLock(str(shared / "tiny-inpaint-bundle.lock")):
+        if not (out / "manifest.json").is_file():
+            export_bundle(ExportOptions(model="tiny-inpaint", out=out, precision="fp32", deprojector="none"))
     return out
 
 

@@ -30,6 +30,7 @@ from runtime.manifest import (
 from runtime.schedulers import SD15_SCHEDULER
 from runtime.specs import (
     CONTEXT_LENGTH,
+    INPAINT_CHANNELS,
     LATENT_CHANNELS,
     VAE_SCALE_FACTOR,
     ModelSpec,
@@ -37,6 +38,7 @@ from runtime.specs import (
     deprojector_spec,
     unet_spec,
     vae_decoder_spec,
+    vae_encoder_spec,
 )
 
 HIDDEN = 32
@@ -55,6 +57,11 @@ SPECS = {
     "deprojector": deprojector_spec(HIDDEN),
     "unet": unet_spec(HIDDEN),
     "vae_decoder": vae_decoder_spec(),
+    "vae_encoder": vae_encoder_spec(),
+}
+PIXEL_DIMS = {
+    f"image_{side}": DimRange(*(v * VAE_SCALE_FACTOR for v in (r.min, r.opt, r.max)))
+    for side, r in LATENT_DIMS.items()
 }
 
 
@@ -114,13 +121,28 @@ def deprojector_graph(rng: np.random.Generator) -> onnx.ModelProto:
     )
 
 
-def unet_graph() -> onnx.ModelProto:
-    """noise = 0.5·sample + mean(text states) + timestep/1000: depends on every input."""
+def unet_graph(inpaint: bool = False) -> onnx.ModelProto:
+    """noise = 0.5·sample + mean(text states) + timestep/1000: depends on every input. `inpaint`:
+    a 9-channel sample, whose mask and masked-image channels are averaged in too."""
     n = helper.make_node
+    if inpaint:
+        head = [
+            n("Slice", ["sample", "zero", "four", "axis1"], ["latents"]),
+            n("Slice", ["sample", "four", "nine", "axis1"], ["extra"]),
+            n("ReduceMean", ["extra", "axis1"], ["extra_mean"], keepdims=1),
+            n("Add", ["latents", "extra_mean"], ["mixed_sample"]),
+            n("Mul", ["mixed_sample", "half"], ["scaled"]),
+        ]
+        slices = {
+            name: np.array([v], np.int64) for name, v in (("zero", 0), ("four", 4), ("nine", 9), ("axis1", 1))
+        }
+        spec = unet_spec(HIDDEN, INPAINT_CHANNELS)
+    else:
+        head, slices, spec = [n("Mul", ["sample", "half"], ["scaled"])], {}, SPECS["unet"]
     return _model(
-        SPECS["unet"],
+        spec,
         [
-            n("Mul", ["sample", "half"], ["scaled"]),
+            *head,
             n("ReduceMean", ["encoder_hidden_states", "axes12"], ["text"], keepdims=1),
             n("Unsqueeze", ["text", "axis3"], ["text4"]),
             n("Div", ["timestep", "thousand"], ["t"]),
@@ -132,6 +154,31 @@ def unet_graph() -> onnx.ModelProto:
             "axes12": np.array([1, 2], np.int64),
             "axis3": np.array([3], np.int64),
             "thousand": np.array(1000.0, np.float32),
+            **slices,
+        },
+    )
+
+
+def vae_encoder_graph(rng: np.random.Generator) -> onnx.ModelProto:
+    """8x8 average pooling, a 1x1 convolution to 4 channels (mean); std = 0.05·sigmoid(mean)."""
+    n = helper.make_node
+    return _model(
+        SPECS["vae_encoder"],
+        [
+            n(
+                "AveragePool",
+                ["image"],
+                ["pooled"],
+                kernel_shape=[VAE_SCALE_FACTOR] * 2,
+                strides=[VAE_SCALE_FACTOR] * 2,
+            ),
+            n("Conv", ["pooled", "kernel"], ["latent_mean"]),
+            n("Sigmoid", ["latent_mean"], ["squashed"]),
+            n("Mul", ["squashed", "small"], ["latent_std"]),
+        ],
+        {
+            "kernel": rng.standard_normal((LATENT_CHANNELS, 3, 1, 1)).astype(np.float32),
+            "small": np.array(0.05, np.float32),
         },
     )
 
@@ -168,21 +215,27 @@ def _entry(root: Path, name: str, model: onnx.ModelProto) -> FileEntry:
     return FileEntry(file=path.name, sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
-def write_fake_bundle(root: Path, seed: int = 0, deprojector: bool = True) -> Path:
-    """A complete bundle in `root` (created): fp32 and fp16 file sets (the same graphs), a tokenizer."""
+def write_fake_bundle(
+    root: Path, seed: int = 0, deprojector: bool = True, encoder: bool = True, inpaint: bool = False
+) -> Path:
+    """A complete bundle in `root` (created): fp32 and fp16 file sets (the same graphs), a tokenizer.
+    `encoder`: with the VAE encoder (img2img); `inpaint`: an inpainting (9-channel) UNet."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
     graphs = {
         "clip": (clip_graph(rng), {"batch": BATCH, "tokens": TOKENS}),
-        "unet": (unet_graph(), {"batch": BATCH, "tokens": TOKENS, **LATENT_DIMS}),
+        "unet": (unet_graph(inpaint), {"batch": BATCH, "tokens": TOKENS, **LATENT_DIMS}),
         "vae_decoder": (vae_decoder_graph(rng), {"batch": BATCH, **LATENT_DIMS}),
     }
+    if encoder:
+        graphs["vae_encoder"] = (vae_encoder_graph(rng), {"batch": BATCH, **PIXEL_DIMS})
     if deprojector:
         graphs["deprojector"] = (deprojector_graph(rng), {"batch": BATCH})
     entries: dict[str, ModelManifest] = {}
     for name, (graph, dims) in graphs.items():
         files = {"fp32": _entry(root, name, graph), "fp16": _entry(root, f"{name}.fp16", graph)}
-        entries[name] = ModelManifest(spec=SPECS[name], dims=dims, opset=OPSET, files=files)
+        spec = unet_spec(HIDDEN, INPAINT_CHANNELS) if name == "unet" and inpaint else SPECS[name]
+        entries[name] = ModelManifest(spec=spec, dims=dims, opset=OPSET, files=files)
     checkpoint = None
     if deprojector:
         (root / "deprojector_checkpoint").mkdir()

@@ -63,6 +63,26 @@ def test_bench_reports_engines_parity_and_targets(tiny_bundle: Path, tmp_path: P
     assert "target peak_rss_gib" in out.stdout
 
 
+@pytest.mark.integration  # runs the bench in subprocesses, with diffusers
+def test_bench_img2img_workload(tiny_bundle: Path, tmp_path: Path) -> None:
+    """--img2img: the runtime and diffusers' img2img pipeline on the same init image; strength 0.5
+    runs half the steps; the encoder's share is reported; the peers are skipped with the reason."""
+    report = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts/bench_e2e.py"), "--bundle", str(tiny_bundle),
+           "--engines", "runtime,diffusers_fp32,optimum", "--size", "64x64", "--steps", "4", "--repeats", "1",
+           "--threads", "1", "--quality-prompts", "0", "--img2img", "0.5", "--json", str(report)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(report.read_text())
+    runtime = data["results"]["runtime"]
+    assert runtime["unet_calls_per_image"] == 2 and 0 < runtime["encoder_share"] < 1
+    assert runtime["call_median_s"]["vae_encoder"] > 0
+    assert data["results"]["diffusers_fp32"]["median_s"] > 0
+    assert "text-to-image only" in data["results"]["optimum"]["skipped"]
+    assert data["workload"]["img2img_strength"] == 0.5
+    assert "runtime: VAE encoder" in out.stdout and "2 UNet calls per image" in out.stdout
+
+
 @pytest.mark.integration
 def test_bench_rejects_unknown_engines(tiny_bundle: Path) -> None:
     script = str(ROOT / "scripts/bench_e2e.py")
@@ -89,7 +109,7 @@ def test_cpu_info_reads_model_and_flags(bench: ModuleType, tmp_path: Path) -> No
 
 def _args(**overrides: object) -> argparse.Namespace:
     base = {"force_bf16": False, "optimum_python": None, "ov_python": None, "ov_int8_model": None,
-            "scheduler": "ddim", "cache_interval": 1, "bundle": None}  # fmt: skip
+            "scheduler": "ddim", "cache_interval": 1, "bundle": None, "img2img": None}  # fmt: skip
     return argparse.Namespace(**{**base, **overrides})
 
 

@@ -4,11 +4,13 @@ computation gets, an impossible gate flips the exit code to 1, and bad arguments
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from export.compare.cli import main
@@ -129,8 +131,6 @@ def test_image_numbers_match_an_independent_run(compared, tiny_bundle):
         )
         .images[0]
     )
-    from PIL import Image
-
     np.testing.assert_array_equal(np.asarray(Image.open(out / "runtime.png")), ours)
     np.testing.assert_array_equal(np.asarray(Image.open(out / "pytorch.png")), theirs)
     image = report["accuracy"]["end_to_end"]["image"]
@@ -192,6 +192,11 @@ def test_impossible_gate_exits_1(tiny_bundle, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--img2img", "0"], "argument --img2img: must be a strength with 0 < STRENGTH <= 1; got '0'"),
+        (["--img2img", "1.5"], "argument --img2img: must be a strength with 0 < STRENGTH <= 1"),
+        (["--img2img", "nan"], "argument --img2img: must be a strength with 0 < STRENGTH <= 1"),
+        (["--mask"], "--mask needs --img2img STRENGTH"),
+        (["--img2img", "0.2", "--steps", "3"], "--img2img/--steps: strength x steps must give at least one"),
         (["--bundle", "{missing}"], "is not a directory: create one with `python -m export`"),
         (["--size", "100x100"], "--size: height must be a multiple of"),
         (["--size", "big"], "WIDTHxHEIGHT"),
@@ -209,6 +214,122 @@ def test_bad_arguments_exit_2(tiny_bundle, tmp_path, capsys, args, message):
         raise SystemExit(main([*base, *args, "--out", str(tmp_path / "out")]))
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+I2I_STEPS, I2I_STRENGTH = 4, 0.5  # 2 of 4 steps run
+
+
+def _image_run(bundle: Path, out: Path, *flags: str) -> tuple[int, dict]:
+    args = ["--bundle", str(bundle), "--out", str(out), "--runs", "1", "--no-bf16", *FAST]
+    args += ["--steps", str(I2I_STEPS), "--cache-intervals", "none", *flags]
+    code = main(args)
+    return code, json.loads((out / "report.json").read_text())
+
+
+def _assert_image_workload(code: int, report: dict, out: Path, kind: str) -> None:
+    """Passes its gates, matches diffusers to 2/255, runs and times the encoder on both sides."""
+    assert code == 0 and report["passed"], [c for c in report["checks"] if not c["passed"]]
+    w = report["workload"]
+    assert w["kind"] == kind and w["strength"] == I2I_STRENGTH and w["mask"] == (kind == "inpainting")
+    assert w["steps_run"] == int(I2I_STEPS * I2I_STRENGTH)
+    assert report["settings"]["strength"] == I2I_STRENGTH
+    e2e = report["accuracy"]["end_to_end"]
+    assert e2e["image"]["max_pixel_diff"] <= 2 and e2e["schedule_match"]
+    assert len(e2e["latent_drift"]["max_abs"]) == len(e2e["runtime_timesteps"]) == w["steps_run"]
+    assert np.asarray(Image.open(out / "runtime.png")).std() > 5, "degenerate image: proves nothing"
+    encoder = report["accuracy"]["components"]["vae_encoder"]
+    assert set(encoder) == {"latent_mean", "latent_std"}
+    assert all(m["shape"] == [1, 4, SIZE // 8, SIZE // 8] for m in encoder.values())
+    gated = {c["name"] for c in report["checks"]}
+    assert {"vae_encoder.latent_mean cosine", "vae_encoder.latent_std max abs"} <= gated
+    speed = report["speed"]
+    assert speed["components"]["vae_encoder"]["runtime"]["runs"] == 1
+    for impl in ("pytorch_fp32", "runtime"):
+        assert list(speed["end_to_end"][impl]["stages"]) == ["text", "encode", "denoise", "decode"]
+        assert speed["end_to_end"][impl]["stages"]["encode"]["median_s"] > 0
+    markdown = (out / "report.md").read_text()
+    assert f"{kind} at strength 0.5: 2 steps run" in markdown and "| encode (median) |" in markdown
+    assert "`vae_encoder.latent_mean`" in markdown
+
+
+def test_img2img_workload(tiny_bundle, tmp_path):
+    code, report = _image_run(tiny_bundle, tmp_path, "--img2img", str(I2I_STRENGTH))
+    _assert_image_workload(code, report, tmp_path, "img2img")
+    assert report["workload"]["pytorch_pipeline"] == "StableDiffusionImg2ImgPipeline"
+    assert report["workload"]["init_image"] == f"export/init_images.py init_image({SIZE}, {SIZE})"
+
+
+@pytest.mark.parametrize(
+    ("bundle_fixture", "mask_mode", "unet_channels"),
+    [("tiny_bundle", "blend", 4), ("tiny_inpaint_bundle", "unet", 9)],
+    ids=["standard-unet", "inpainting-unet"],
+)
+def test_inpainting_workload(request, tmp_path, bundle_fixture, mask_mode, unet_channels):
+    bundle = request.getfixturevalue(bundle_fixture)
+    code, report = _image_run(bundle, tmp_path, "--img2img", str(I2I_STRENGTH), "--mask")
+    _assert_image_workload(code, report, tmp_path, "inpainting")
+    assert report["workload"]["mask_mode"] == mask_mode
+    assert report["workload"]["pytorch_pipeline"] == "StableDiffusionInpaintPipeline"
+    # the UNet row ran on the loop's first call (9 channels into an inpainting UNet)
+    assert report["accuracy"]["components"]["unet"]["noise_pred"]["shape"] == [2, 4, SIZE // 8, SIZE // 8]
+    assert Bundle.open(bundle).unet_in_channels == unet_channels
+
+
+def _without_encoder(bundle: Path, copy: Path) -> Path:
+    """A copy of `bundle` as exported before img2img support: no vae_encoder."""
+    shutil.copytree(
+        bundle, copy, ignore=shutil.ignore_patterns(".ort_cache", ".ov_cache", ".sdrt-*", "vae_encoder*")
+    )
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["models"]["vae_encoder"]
+    (copy / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return copy
+
+
+def test_bundle_without_encoder_is_refused_for_img2img(tiny_bundle, tmp_path, capsys):
+    old = _without_encoder(tiny_bundle, tmp_path / "old")
+    code = main(["--bundle", str(old), "--out", str(tmp_path / "out"), "--img2img", "0.5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--img2img: " in err and "has no VAE encoder" in err
+    assert f"re-export it with `python -m export --model tiny --out {old}`" in err
+
+
+def test_bundle_without_encoder_still_compares(tiny_bundle, tmp_path):
+    """Text to image on an old bundle: every other row, the encoder skipped with the reason."""
+    old = _without_encoder(tiny_bundle, tmp_path / "old")
+    out = tmp_path / "out"
+    code = main(["--bundle", str(old), "--out", str(out), "--runs", "1", "--no-bf16", *FAST])
+    report = json.loads((out / "report.json").read_text())
+    assert code == 0 and report["passed"] and "vae_encoder" not in report["accuracy"]["components"]
+    assert "vae_encoder" not in report["speed"]["components"]
+    assert "no VAE encoder" in report["setup"]["skipped_components"]["vae_encoder"]
+    assert "Not compared: `vae_encoder`: the bundle has no VAE encoder" in (out / "report.md").read_text()
+    assert report["workload"]["kind"] == "text-to-image"
+
+
+@pytest.mark.parametrize("flags", [[], ["--img2img", "0.5"]], ids=["text-to-image", "img2img"])
+def test_inpainting_unet_needs_mask(tiny_inpaint_bundle, tmp_path, capsys, flags):
+    code = main(["--bundle", str(tiny_inpaint_bundle), "--out", str(tmp_path), *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--mask: " in err and "has an inpainting UNet (9 input channels)" in err
+    assert "pass --img2img STRENGTH --mask" in err
+
+
+def test_settings_json_round_trip(tmp_path):
+    from export.compare.settings import Settings
+
+    s = Settings(
+        bundle=tmp_path, model="tiny", seed_weights=0, projection=None, backend="onnxruntime",
+        precision="fp32", width=64, height=64, steps=4, runs=1, prompt="p", negative="n", seed=1,
+        scheduler="ddim", guidance=7.5, mode="standard", threads=1, bf16=False, out=tmp_path,
+        strength=0.5, mask=True,
+    )  # fmt: skip
+    s.write(tmp_path / "s.json")
+    back = Settings.read(tmp_path / "s.json")
+    assert back == s and back.workload == "inpainting" and back.stages[1] == "encode"
+    legacy = {k: v for k, v in s.to_json().items() if k not in ("strength", "mask")}
+    assert Settings.from_json(legacy).workload == "text-to-image"
 
 
 def test_clip_score_uses_a_vision_tower_when_there_is_one(tmp_path):

@@ -23,6 +23,7 @@ from runtime.serving.kserve import options_from_inputs
 from runtime.serving.kserve_codec import InferTensor
 from runtime.serving.schemas import GenerateRequest, GenerationParameters
 from runtime.specs import DEEP_FEATURE, DEEPCACHE_FULL, DEEPCACHE_SHALLOW
+from runtime.start_latents import Start
 
 
 class RecordingBackend:
@@ -54,7 +55,7 @@ def _run(cache_interval: int, steps: int = 7) -> RecordingBackend:
     timesteps = scheduler.set_timesteps(steps)
     latents = np.ones((1, 4, 4, 4), np.float32)
     states = np.zeros((2, 77, 8), np.float32)
-    for _ in denoise(backend, scheduler, timesteps, latents, states, 7.5, None, cache_interval):
+    for _ in denoise(backend, scheduler, timesteps, Start(latents), states, 7.5, None, cache_interval):
         pass
     return backend
 

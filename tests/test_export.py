@@ -40,7 +40,7 @@ from runtime.bundle import Bundle
 from runtime.files import sha256_file
 from runtime.integrity import STAMP_NAME
 from runtime.manifest import FORMAT_VERSION, Manifest
-from runtime.specs import clip_spec, deprojector_spec, unet_spec, vae_decoder_spec
+from runtime.specs import clip_spec, deprojector_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 
 pytestmark = pytest.mark.integration  # exports with torch
 
@@ -83,6 +83,8 @@ def _inputs(name: str, case: tuple[int, ...], seed: int = 0) -> list[torch.Tenso
         return [example_ids(batch, tokens, seed)]
     if name == "deprojector":
         return [torch.randn(case[0], HIDDEN, generator=gen)]
+    if name == "vae_encoder":  # (batch, image height, image width) in pixels, values in [0, 1]
+        return [torch.rand(*case[:1], 3, *case[1:], generator=gen)]
     batch, height, width, *rest = case
     latent = torch.randn(batch, 4, height, width, generator=gen)
     if name == "vae_decoder":
@@ -112,7 +114,8 @@ def _min_cosine(a: np.ndarray, b: np.ndarray, per_position: bool) -> float:
 
 
 # (model, case): clip (batch, tokens); deprojector (batch,); unet (batch, h, w, tokens, t);
-# vae_decoder (batch, h, w). Batches 1-3, latents 16x16 and 24x32, tokens 77 and 154.
+# vae_decoder (batch, h, w); vae_encoder (batch, H, W) in pixels. Batches 1-3, latents 16x16 and
+# 24x32, tokens 77 and 154.
 FP32_CASES = [
     ("clip", (1, 77)),
     ("clip", (2, 154)),
@@ -125,6 +128,9 @@ FP32_CASES = [
     ("vae_decoder", (1, 16, 16)),
     ("vae_decoder", (2, 24, 32)),
     ("vae_decoder", (3, 16, 16)),
+    ("vae_encoder", (1, 128, 128)),
+    ("vae_encoder", (2, 192, 256)),
+    ("vae_encoder", (3, 128, 128)),
 ]
 
 
@@ -143,7 +149,7 @@ def test_fp32_matches_pytorch(
         assert _min_cosine(g, w, per_position=name == "deprojector") >= 0.99999
 
 
-FUSED_CASES = [(n, c) for n, c in FP32_CASES if n in ("unet", "vae_decoder")]
+FUSED_CASES = [(n, c) for n, c in FP32_CASES if n in ("unet", "vae_decoder", "vae_encoder")]
 
 
 @pytest.mark.parametrize(("name", "case"), FUSED_CASES, ids=[f"{n}-{c}" for n, c in FUSED_CASES])
@@ -176,6 +182,7 @@ FP16_CASES = [
     ("unet", (1, 16, 16, 77, 999)),
     ("unet", (2, 8, 8, 154, 1)),
     ("vae_decoder", (1, 8, 8)),
+    ("vae_encoder", (1, 64, 64)),
 ]
 
 
@@ -248,6 +255,7 @@ def test_manifest_describes_the_files(tiny_bundle: Path) -> None:
         "deprojector": deprojector_spec(HIDDEN),
         "unet": unet_spec(HIDDEN),
         "vae_decoder": vae_decoder_spec(),
+        "vae_encoder": vae_encoder_spec(),
     }
     for name, entry in bundle.models.items():
         assert entry.spec.inputs == specs[name].inputs and entry.spec.outputs == specs[name].outputs
@@ -264,7 +272,7 @@ def test_manifest_describes_the_files(tiny_bundle: Path) -> None:
             assert [o.name for o in model.graph.output] == specs[name].output_names
     # attention fused for ONNX Runtime where the pattern exists; CLIP's and the deprojector's
     # causal attention (mask added before Softmax) is left alone
-    expected_fused = {"unet": 8, "vae_decoder": 1}  # tiny: 4 transformer blocks x 2, VAE mid-block
+    expected_fused = {"unet": 8, "vae_decoder": 1, "vae_encoder": 1}  # tiny: 4 blocks x 2, VAE mid-blocks
     for name, entry in bundle.models.items():
         ort_files = manifest["models"][name].get("ort_files", {})
         if name not in expected_fused:
@@ -561,6 +569,7 @@ def test_sd15_export_within_targets_and_matches_pytorch(tmp_path: Path) -> None:
         "unet": [torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([999.0]),
                  torch.randn(1, 77, hidden, generator=gen)],
         "vae_decoder": [torch.randn(1, 4, 8, 8, generator=gen)],
+        "vae_encoder": [torch.rand(1, 3, 64, 64, generator=gen)],
     }  # fmt: skip
     wants = {name: _torch_outputs(torch_module(name, components, built[0]), x) for name, x in cases.items()}
     del components, built  # torch and an ORT UNet session together would need ~12 GB

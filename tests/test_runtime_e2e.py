@@ -8,6 +8,7 @@ difference <= 2/255 for each backend.
 from __future__ import annotations
 
 import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_module
+import diffusers.schedulers.scheduling_lcm as lcm_module
 import numpy as np
 import pytest
 import torch
@@ -55,7 +56,8 @@ def _reference_image(reference, monkeypatch, scheduler: str, latents: np.ndarray
     def same_noise(shape, generator=None, device=None, dtype=None, **_):
         return torch.from_numpy(noise_rng.standard_normal(tuple(shape)[1:], dtype=np.float32)[None])
 
-    monkeypatch.setattr(euler_a_module, "randn_tensor", same_noise)
+    for module in (euler_a_module, lcm_module):  # the samplers that draw per-step noise
+        monkeypatch.setattr(module, "randn_tensor", same_noise)
     images = reference.generate(
         seed=SEED,
         height=SIZE,
@@ -68,7 +70,7 @@ def _reference_image(reference, monkeypatch, scheduler: str, latents: np.ndarray
     return (images * 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "pndm", "dpmpp_2m"])
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a", "pndm", "dpmpp_2m", "lcm"])
 @pytest.mark.parametrize("negative", ["", "blurry, dog"])
 def test_runtime_matches_diffusers(runtime_pipeline, reference, monkeypatch, scheduler, negative):
     latents = _latents()

@@ -153,6 +153,65 @@ def test_retryable_statuses() -> None:
     assert not is_retryable(422, "application/json") and not is_retryable(504, "application/json")
 
 
+def png_b64(image: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def init_and_mask(side: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A noise image (incompressible: a large PNG) and a mask with a white square in the middle."""
+    image = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    mask = np.zeros((side, side), np.uint8)
+    mask[side // 4 : 3 * side // 4, side // 4 : 3 * side // 4] = 255
+    return image, mask
+
+
+def test_replica_app_takes_img2img_requests(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app a replica builds (its own ingress builder, a config's default limits) takes the image
+    fields, in a body over the old 1 MiB default; the image is the pipeline's. No cluster needed."""
+    from types import SimpleNamespace
+
+    from fastapi.testclient import TestClient
+
+    from runtime.pipeline import Pipeline
+    from runtime.serve_ray import SdrtReplica
+    from runtime.serving import Engine
+
+    server = DeploymentSpec.from_mapping({"bundle": str(fake_bundle), "no_warmup": True}).validate().server
+    assert server.limits.max_body_bytes == 16 << 20
+    context = SimpleNamespace(replica_id=SimpleNamespace(unique_id="replica-1"))
+    monkeypatch.setattr(serve, "get_replica_context", lambda: context)
+    image, mask = init_and_mask(700)
+    body = {"prompt": "a cat", "steps": 4, "seed": 2, "size": "64x64", "init_image": png_b64(image),
+            "mask": png_b64(mask), "strength": 0.8, "mask_blur": 4}  # fmt: skip
+    replica = object.__new__(SdrtReplica)  # its engine opened here, not by Ray
+    with Engine.open(fake_bundle, BackendConfig(threads=1), server.engine) as engine:
+        engine.start()
+        replica.engine, replica.options = engine, server
+        try:
+            web = TestClient(replica.__serve_build_asgi_app__())
+            r = web.post("/v1/generate", json=body)
+        finally:
+            del replica.engine  # closed by the `with`, not by the replica's __del__
+    assert len(r.request.content) > 1 << 20
+    assert r.status_code == 200, r.text
+    assert r.headers[REPLICA_HEADER] == "replica-1"
+    params = r.json()["parameters"]
+    assert params["strength"] == 0.8 and params["mask"] is True
+    assert params["mask_blur"] == 4 and params["mask_mode"] == "blend"
+    pipe = Pipeline(fake_bundle, BackendConfig(threads=1))
+    try:
+        options = GenerateOptions(prompts=("a cat",), steps=4, seed=2, width=64, height=64, init_image=image,
+                                  mask=mask, strength=0.8, mask_blur=4)  # fmt: skip
+        expected = pipe.generate(options).images[0]
+    finally:
+        pipe.close()
+    pixels, text = decode_png(base64.b64decode(r.json()["images"][0]))
+    np.testing.assert_array_equal(pixels, expected)
+    assert "Denoising strength: 0.8" in text and "Mask mode: blend" in text
+
+
 # --- one local Ray cluster for the rest -----------------------------------------------------------
 
 
@@ -260,6 +319,29 @@ def test_image_equals_cli(client: Any, tiny_bundle: Path, tmp_path: Path) -> Non
     as_json = client.post("/v1/generate", json=body).json()
     assert base64.b64decode(as_json["images"][0]) == png.content
     assert as_json["infotexts"] == [decode_png(png.content)[1]]
+
+
+@pytest.mark.integration
+def test_img2img_through_the_proxy(client: Any, tiny_bundle: Path) -> None:
+    """Init image and mask go through Ray's proxy to a replica and back: the local pipeline's image."""
+    from runtime.pipeline import Pipeline
+
+    image, mask = init_and_mask(64, seed=4)
+    body = {"prompt": "a red fox", "steps": 6, "seed": 5, "init_image": png_b64(image), "mask": png_b64(mask),
+            "strength": 0.7, "scheduler": "ddim"}  # fmt: skip
+    r = client.post("/v1/generate", json=body, headers={"accept": "image/png"})
+    assert r.status_code == 200, r.text
+    pixels, text = decode_png(r.content)
+    pipe = Pipeline(tiny_bundle, BackendConfig(threads=1))
+    try:
+        options = GenerateOptions(prompts=("a red fox",), steps=6, seed=5, init_image=image, mask=mask,
+                                  strength=0.7, scheduler="ddim")  # fmt: skip
+        np.testing.assert_array_equal(pixels, pipe.generate(options).images[0])
+    finally:
+        pipe.close()
+    assert "Denoising strength: 0.7" in text and "Mask mode: blend" in text
+    bad = client.post("/v1/generate", json={**body, "mask": png_b64(np.zeros((64, 64), np.uint8))})
+    assert bad.status_code == 422 and "mask is all black" in bad.json()["detail"]
 
 
 BAD: list[tuple[str, Any, dict[str, str]]] = [

@@ -19,13 +19,14 @@ from typing import Any
 from export.compare.cpu import BF16_FLAGS, bf16_instructions
 from export.compare.settings import PRESETS, Settings, UsageError
 from export.compare.thresholds import DEFAULTS, Thresholds
+from export.init_images import init_image, init_mask
 from runtime.backends import PRECISIONS, BackendConfig
 from runtime.backends.config import THREADED, check_bundle_precision
 from runtime.bundle import Bundle
 from runtime.cli import positive_int, size_argument
 from runtime.errors import RequestError, SetupError
 from runtime.options import options_from, validate
-from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
+from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, INPAINT_CHANNELS
 
 BACKEND_MODULES = {"onnxruntime": "onnxruntime", "openvino": "openvino", "tensorrt": "tensorrt"}
 # Ancestral samplers draw fresh noise every step from each side's own RNG: the runs could not match.
@@ -38,6 +39,9 @@ _FLAGS = {
     "guidance": "--guidance",
     "seed": "--seed",
     "mode": "--mode",
+    "strength": "--img2img/--steps",  # strength x steps runs no step
+    "init_image": "--img2img",
+    "mask": "--mask",
 }  # first word of a runtime.options.validate error -> our flag
 DEFAULT_CACHE_INTERVALS = (2, 3, 5)
 
@@ -53,6 +57,17 @@ def _intervals(text: str) -> tuple[int, ...]:
     if not all(2 <= v <= 1000 for v in values):
         raise argparse.ArgumentTypeError(f"each interval must be from 2 to 1000; got {text!r}")
     return tuple(dict.fromkeys(values))
+
+
+def _strength(text: str) -> float:
+    """--img2img STRENGTH: a number with 0 < STRENGTH <= 1, as the runtime takes it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a strength with 0 < STRENGTH <= 1; got {text!r}") from None
+    if not (math.isfinite(value) and 0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"must be a strength with 0 < STRENGTH <= 1; got {text!r}")
+    return value
 
 
 def _gate(low: float, high: float) -> Any:
@@ -78,6 +93,7 @@ GATES = {  # option -> (Thresholds field, component or None, range)
     "max_abs_deprojector": ("max_abs", "deprojector", (0.0, math.inf)),
     "max_abs_unet": ("max_abs", "unet", (0.0, math.inf)),
     "max_abs_vae": ("max_abs", "vae_decoder", (0.0, math.inf)),
+    "max_abs_vae_encoder": ("max_abs", "vae_encoder", (0.0, math.inf)),
     "max_pixel_diff": ("max_pixel_diff", None, (0.0, 255.0)),
     "min_psnr": ("min_psnr", None, (0.0, math.inf)),
     "min_ssim": ("min_ssim", None, (-1.0, 1.0)),
@@ -118,6 +134,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument(
         "--mode", choices=MODES, default="standard", help="how the prompt conditions the UNet end to end"
+    )
+    p.add_argument(
+        "--img2img",
+        type=_strength,
+        default=None,
+        metavar="STRENGTH",
+        help="end to end: img2img at this strength (0 < STRENGTH <= 1) from export/init_images.py's init "
+        "image at --size, diffusers' StableDiffusionImg2ImgPipeline on the PyTorch side (default: text to "
+        "image); needs a bundle with the VAE encoder",
+    )
+    p.add_argument(
+        "--mask",
+        dest="inpaint",
+        action="store_true",
+        help="with --img2img: inpainting with export/init_images.py's mask (StableDiffusionInpaintPipeline); "
+        "required for a bundle with an inpainting UNet",
     )
     p.add_argument(
         "--threads",
@@ -193,10 +225,13 @@ def _model_source(source: Mapping[str, Any], model: str | None) -> tuple[str, in
 
 def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
     """Validate everything that can be checked before a model loads; UsageError names the flag."""
+    if args.inpaint and args.img2img is None:
+        raise UsageError("--mask needs --img2img STRENGTH: inpainting repaints part of the init image")
     try:
         bundle = Bundle.open(args.bundle)
     except (RequestError, SetupError) as exc:
         raise UsageError(f"--bundle: {exc}") from None
+    _check_workload(args, bundle)
     try:
         threads = args.threads if args.backend in THREADED else None
         backend = BackendConfig(args.backend, precision=args.precision, threads=threads).validate()
@@ -209,7 +244,9 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
         raise UsageError(
             f"--backend {args.backend}: the {BACKEND_MODULES[args.backend]} package is not installed"
         )
-    request = options_from(vars(args), prompts=(args.prompt,), negative_prompts=(args.negative,))
+    request = options_from(
+        vars(args), prompts=(args.prompt,), negative_prompts=(args.negative,), **_image_request(args, bundle)
+    )
     try:  # the runtime's own checks, so the tool accepts exactly what the runtime accepts
         resolved = validate(request, bundle)
     except RequestError as exc:
@@ -240,8 +277,49 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
         bf16=_bf16_default() if args.bf16 is None else args.bf16,
         out=args.out.resolve(),
         cache_intervals=_cache_intervals(args.cache_intervals, bundle),
+        strength=args.img2img,
+        mask=args.inpaint,
     )
     return s, bundle
+
+
+def _reexport(bundle: Bundle) -> str:
+    """The command that re-exports `bundle` from its source model."""
+    source = bundle.manifest.source
+    model = {"preset": source.get("preset"), "diffusers_folder": source.get("path")}.get(
+        source.get("kind", "")
+    )
+    seed = f" --seed {source['seed']}" if source.get("kind") == "preset" and source.get("seed") else ""
+    return f"python -m export --model {model or 'MODEL'}{seed} --out {bundle.root}"
+
+
+def _check_workload(args: argparse.Namespace, bundle: Bundle) -> None:
+    """--img2img / --mask against what the bundle can run."""
+    if args.img2img is not None and "vae_encoder" not in bundle.models:
+        raise UsageError(
+            f"--img2img: {bundle.root} has no VAE encoder (exported before img2img support); re-export it "
+            f"with `{_reexport(bundle)}`, or leave --img2img out for text to image"
+        )
+    if bundle.unet_in_channels == INPAINT_CHANNELS and not args.inpaint:
+        raise UsageError(
+            f"--mask: {bundle.root} has an inpainting UNet ({INPAINT_CHANNELS} input channels), which only "
+            "inpaints: pass --img2img STRENGTH --mask"
+        )
+
+
+def _image_request(args: argparse.Namespace, bundle: Bundle) -> dict[str, Any]:
+    """The init image / mask / strength fields of the runtime request the tool validates: the run's
+    size spelled out (an init image would otherwise pick it), the images made only for a size the
+    bundle can take (validate names the bad size otherwise)."""
+    h_range, w_range = bundle.image_size_range()
+    width, height = args.size if args.size is not None else (w_range.opt, h_range.opt)
+    fields: dict[str, Any] = {"width": width, "height": height}
+    if args.img2img is None or not (0 < width <= w_range.max and 0 < height <= h_range.max):
+        return fields
+    fields.update(init_image=init_image(width, height), strength=args.img2img)
+    if args.inpaint:
+        fields["mask"] = init_mask(width, height)
+    return fields
 
 
 def _bf16_default() -> bool:
@@ -301,6 +379,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report["passed"] else 1
 
 
+def workload_label(w: dict[str, Any]) -> str:
+    """'img2img, strength 0.5, 5 of 10 steps' and the like, from report["workload"]."""
+    if w["strength"] is None:
+        return f"{w['kind']} ({w['pytorch_pipeline']})"
+    mask = f", mask mode {w['mask_mode']}" if w["mask"] else ""
+    return (
+        f"{w['kind']}, strength {w['strength']:g}{mask}, {w['steps_run']} steps run ({w['pytorch_pipeline']})"
+    )
+
+
 def _summary(r: dict[str, Any]) -> None:
     """A few lines on stdout: verdict, worst component, image and speed ratios."""
     e2e = r["speed"]["end_to_end"]
@@ -308,6 +396,7 @@ def _summary(r: dict[str, Any]) -> None:
     failed = [c for c in r["checks"] if not c["passed"]]
     passed = len(r["checks"]) - len(failed)
     print(f"result: {'PASS' if r['passed'] else 'FAIL'} ({passed}/{len(r['checks'])} checks)")
+    print(f"  workload     {workload_label(r['workload'])}")
     for c in failed:
         print(f"  failed: {c['name']} = {c['value']:.6g} (gate {c['op']} {c['limit']:.6g})")
     for component, outputs in r["accuracy"]["components"].items():

@@ -53,18 +53,18 @@ def latent_drift(max_abs: list[float], rel_l2: list[float], timesteps: list[floa
     ax.set_xlabel("denoising step (timestep below)")
     ax.set_xticks(steps, [f"{i}\n{t:g}" for i, t in zip(steps, timesteps, strict=True)], fontsize=7)
     ax.set_ylabel("latent difference")
-    ax.set_title("Latent drift per step: runtime vs diffusers (same initial latents)")
+    ax.set_title("Latent drift per step: runtime vs diffusers (same start, same random numbers)")
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
     return _save(fig, path)
 
 
-def stage_times(medians: dict[str, dict[str, float]], path: Path) -> Path:
+def stage_times(medians: dict[str, dict[str, float]], path: Path, stages: tuple[str, ...] = STAGES) -> Path:
     """Stacked median seconds per end-to-end stage, one bar per implementation."""
     fig, ax = plt.subplots(figsize=(7, 4))
     labels = list(medians)
     bottom = np.zeros(len(labels))
-    for stage in STAGES:
+    for stage in stages:
         values = np.array([medians[label].get(stage, 0.0) for label in labels])
         ax.bar(labels, values, bottom=bottom, label=stage)
         bottom += values

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from export.compare.settings import STAGES
+from export.compare.settings import IMAGE_STAGES
 
 IMPLEMENTATIONS = ("pytorch_fp32", "pytorch_bf16", "runtime")
 # what the runtime runs on for each CPU backend, as the report names it
@@ -127,6 +127,7 @@ def _header(r: dict[str, Any]) -> list[str]:
                 f"{s['width']}x{s['height']}, {s['steps']} steps, {s['scheduler']}, "
                 f"guidance {s['guidance']}, mode {s['mode']}, latent seed {s['seed']}",
             ],
+            ["workload", _workload(r["workload"])],
             ["prompt / negative", f"{s['prompt']!r} / {s['negative']!r}"],
             [
                 "machine",
@@ -144,6 +145,20 @@ def _header(r: dict[str, Any]) -> list[str]:
         ],
     )
     return lines + [""]
+
+
+def _workload(w: dict[str, Any]) -> str:
+    """The end-to-end workload in words: what is generated, from what, by which diffusers pipeline."""
+    if w["strength"] is None:
+        return f"text to image (diffusers' {w['pytorch_pipeline']})"
+    what = "inpainting" if w["mask"] else "img2img"
+    source = f"init image `{w['init_image']}`"
+    if w["mask"]:
+        source += f", mask `{w['mask_image']}` (mask mode {w['mask_mode']})"
+    return (
+        f"{what} at strength {w['strength']:g}: {w['steps_run']} steps run, {source} "
+        f"(diffusers' {w['pytorch_pipeline']})"
+    )
 
 
 def _accuracy(r: dict[str, Any]) -> list[str]:
@@ -168,6 +183,9 @@ def _accuracy(r: dict[str, Any]) -> list[str]:
             _check_for(checks, label + " "),
         ],
     )
+    skipped = r["setup"].get("skipped_components", {})
+    if skipped:
+        lines += [""] + [f"Not compared: `{name}`: {why}." for name, why in skipped.items()]
     dep = acc["components"].get("deprojector", {}).get("hidden_states")
     if dep:
         worst = max(range(len(dep["per_position_max_abs"])), key=lambda i: dep["per_position_max_abs"][i])
@@ -184,12 +202,17 @@ def _accuracy(r: dict[str, Any]) -> list[str]:
 def _end_to_end(r: dict[str, Any]) -> list[str]:
     e2e, checks = r["accuracy"]["end_to_end"], r["checks"]
     image, drift, score = e2e["image"], e2e["latent_drift"], e2e["clip_score"]
+    w = r["workload"]
+    if w["strength"] is None:
+        start = f"diffusers' {w['pytorch_pipeline']} from the same initial latents"
+    else:
+        start = f"diffusers' {w['pytorch_pipeline']} with the same random numbers ({w['random_numbers']})"
     lines = [
         "## End to end",
         "",
-        "The runtime's denoising loop and diffusers' StableDiffusionPipeline from the same initial latents, "
-        "prompt states computed by each side, the same scheduler; latents captured after every step "
-        "(runtime `on_step`, diffusers `callback_on_step_end`).",
+        f"The runtime's denoising loop and {start}, prompt states computed by each side, the same "
+        "scheduler; latents captured after every step each side runs (runtime `on_step`, diffusers "
+        "`callback_on_step_end`).",
         "",
     ]
     clip = (
@@ -272,18 +295,20 @@ def _speed(r: dict[str, Any]) -> list[str]:
         rows,
     )
     e = sp["end_to_end"]
-    lines += ["", "End to end (text encoding + denoising loop + VAE decode, one image):", ""]
+    stages = [stage for stage in IMAGE_STAGES if stage in e["runtime"]["stages"]]
+    encode = " + init image encoding (VAE encoder, start latents)" if "encode" in stages else ""
+    lines += ["", f"End to end (text encoding{encode} + denoising loop + VAE decode, one image):", ""]
     rows = []
     for impl in IMPLEMENTATIONS:
         run = e.get(impl)
         if run is None:
-            rows.append([impl, "—", "—"] + ["—"] * len(STAGES))
+            rows.append([impl, "—", "—"] + ["—"] * len(stages))
             continue
         rows.append(
             [impl, _ms(run["total"]), _ms(run["total"], "p95_s")]
-            + [_ms(run["stages"][stage]) for stage in STAGES]
+            + [_ms(run["stages"][stage]) for stage in stages]
         )
-    lines += _table(["implementation", "total", "p95"] + [f"{stage} (median)" for stage in STAGES], rows)
+    lines += _table(["implementation", "total", "p95"] + [f"{stage} (median)" for stage in stages], rows)
     lines += [
         "",
         f"Runtime speed-up end to end: {_ratio(e['speedup_vs_fp32'])} vs PyTorch fp32, "
@@ -350,7 +375,7 @@ def _variants(r: dict[str, Any]) -> list[str]:
         [
             "## Variants vs the exact PyTorch fp32 image (not gated)",
             "",
-            "Each way of computing the image from the same latents, against PyTorch fp32. Step caching "
+            "Each way of computing the image from the same start, against PyTorch fp32. Step caching "
             "(cache interval N): the whole UNet every N-th step, its shallow part in between.",
             "",
         ]

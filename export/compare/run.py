@@ -2,9 +2,9 @@
 then metrics, checks and figures. Returns the report dict that report.py renders.
 
 Order matters for attributable numbers: the PyTorch side computes every input (token ids, the
-CLIP states the UNet reads, the latents the VAE decodes) once, and the child gets the very same
-arrays; PyTorch timings run while the child does not exist, and the child's timings while this
-process only waits.
+CLIP states the UNet reads, the latents the VAE decodes, the init image and mask) once, and the
+child gets the very same arrays; PyTorch timings run while the child does not exist, and the
+child's timings while this process only waits.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from PIL import Image
 from export.compare import figures, torch_ref
 from export.compare.cpu import cpu_model
 from export.compare.metrics import image_metrics, latent_drift, tensor_metrics, to_uint8
-from export.compare.settings import COMPONENTS, PRESETS, STAGES, Settings, UsageError
+from export.compare.settings import COMPONENTS, PRESETS, Settings, UsageError
 from export.compare.thresholds import Check, Thresholds, evaluate
 from export.compare.timing import Stats, peak_rss_bytes, reset_peak_rss, rss_bytes, time_runs
-from runtime import guidance as cfg
 from runtime.bundle import Bundle
-from runtime.schedulers import make_scheduler
+from runtime.init_image import to_unit
+from runtime.specs import INPAINT_CHANNELS
 from runtime.tokenizer import ClipTokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -51,8 +51,10 @@ class Reference:
 
     feeds: dict[str, dict[str, np.ndarray]]  # component -> named inputs (both sides get these)
     outputs: dict[str, dict[str, np.ndarray]]  # component -> named PyTorch fp32 outputs
-    latents: np.ndarray  # initial latents of the end-to-end run
+    latents: np.ndarray | None  # initial latents of a text-to-image run (img2img: drawn by each side)
     run: torch_ref.TorchRun  # the fp32 end-to-end run
+    e2e: dict[str, np.ndarray]  # the end-to-end inputs the runtime gets: latents, or init image (+ mask)
+    skipped: dict[str, str]  # component -> why it is not compared
 
 
 def log(message: str) -> None:
@@ -67,37 +69,54 @@ def reference_outputs(s: Settings, bundle: Bundle, ref: torch_ref.TorchReference
     outputs = {"clip": ref.run_component("clip", feeds["clip"])}
     if ref.deprojector is not None:
         feeds["deprojector"] = {"pooled": outputs["clip"]["pooled"][1:]}  # the prompt's row
-    f = bundle.vae_scale_factor
-    shape = (1, bundle.latent_channels, s.height // f, s.width // f)
-    latents = np.random.default_rng(s.seed).standard_normal(shape, dtype=np.float32)
-    scheduler = make_scheduler(s.scheduler, bundle.scheduler_config)
-    timesteps = scheduler.set_timesteps(s.steps)
-    x = cfg.unet_batch(latents * np.float32(scheduler.init_noise_sigma), s.guidance)
-    states = outputs["clip"]["last_hidden_state"]  # rows: [negative; prompt]
-    feeds["unet"] = {  # the first UNet call of the loop
-        "sample": scheduler.scale_model_input(x, 0).astype(np.float32),
-        "timestep": np.array([timesteps[0]], np.float32),
-        "encoder_hidden_states": states if cfg.uses_uncond(s.guidance) else states[1:],
-    }
-    log("PyTorch fp32: end to end (accuracy run)")
-    run = ref.generate(latents)
+    skipped = {}
+    if "vae_encoder" in bundle.models:  # the init image, or a random one for text to image
+        image = ref.init_image
+        feeds["vae_encoder"] = {
+            "image": to_unit(image)
+            if image is not None
+            else np.random.default_rng(s.seed).random((1, 3, s.height, s.width), dtype=np.float32)
+        }
+    else:
+        skipped["vae_encoder"] = (
+            "the bundle has no VAE encoder (exported before img2img support; re-export it with "
+            "`python -m export --model MODEL --out BUNDLE` to compare it)"
+        )
+        log(f"no vae_encoder row: {skipped['vae_encoder']}")
+    e2e: dict[str, np.ndarray] = {}
+    latents = None
+    if s.strength is None:
+        f = bundle.vae_scale_factor
+        shape = (1, bundle.latent_channels, s.height // f, s.width // f)
+        latents = np.random.default_rng(s.seed).standard_normal(shape, dtype=np.float32)
+        e2e["latents"] = latents
+    else:
+        assert ref.init_image is not None
+        e2e["init_image"] = ref.init_image
+        if ref.init_mask is not None:
+            e2e["mask"] = ref.init_mask
+    log(f"PyTorch fp32: end to end, {s.workload} (accuracy run)")
+    run = ref.generate(latents, record_unet_call=True)
+    feeds["unet"] = run.unet_call  # the loop's first UNet call, as diffusers made it
     feeds["vae_decoder"] = {"latent": run.steps[-1].astype(np.float32)}  # what the loop produced
     for name in feeds:
         if name != "clip":
             outputs[name] = ref.run_component(name, feeds[name])
     ordered = {name: feeds[name] for name in COMPONENTS if name in feeds}
-    return Reference(ordered, outputs, latents, run)
+    return Reference(ordered, outputs, latents, run, e2e, skipped)
 
 
-def time_e2e(generate: Callable[[], dict[str, float]], runs: int) -> dict[str, Any]:
+def time_e2e(
+    generate: Callable[[], dict[str, float]], runs: int, stage_names: tuple[str, ...]
+) -> dict[str, Any]:
     """`runs` end-to-end generations (already warmed up): total and per-stage statistics."""
     totals: list[float] = []
-    stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    stages: dict[str, list[float]] = {stage: [] for stage in stage_names}
     for _ in range(runs):
         start = time.perf_counter()
         timings = generate()
         totals.append(time.perf_counter() - start)
-        for stage in STAGES:
+        for stage in stage_names:
             stages[stage].append(timings[stage])
     return {
         "total": Stats(tuple(totals)).to_json(),
@@ -108,7 +127,7 @@ def time_e2e(generate: Callable[[], dict[str, float]], runs: int) -> dict[str, A
 def time_pytorch(ref: torch_ref.TorchReference, r: Reference, runs: int, bf16: bool) -> dict[str, Any]:
     """Per-component and end-to-end timings plus peak RSS for one PyTorch precision (warmed up)."""
     components = {name: _time_component(ref, name, feeds, runs, bf16) for name, feeds in r.feeds.items()}
-    e2e = time_e2e(lambda: ref.generate(r.latents, bf16).timings, runs)
+    e2e = time_e2e(lambda: ref.generate(r.latents, bf16).timings, runs, ref.settings.stages)
     return {"components": components, "e2e": e2e, "peak_bytes": peak_rss_bytes()}
 
 
@@ -188,7 +207,7 @@ def compare(s: Settings, bundle: Bundle, thresholds: Thresholds) -> dict[str, An
 
     log(f"runtime ({s.backend} {s.precision}) in a child process")
     inputs = {f"{n}/{k}": v for n, feeds in r.feeds.items() for k, v in feeds.items()}
-    worker, got = run_runtime(s, {**inputs, "e2e/latents": r.latents})
+    worker, got = run_runtime(s, {**inputs, **{f"e2e/{k}": v for k, v in r.e2e.items()}})
 
     log("metrics and figures")
     components = _metrics(r.outputs, got)
@@ -208,7 +227,7 @@ def compare(s: Settings, bundle: Bundle, thresholds: Thresholds) -> dict[str, An
     s.out.mkdir(parents=True, exist_ok=True)
     Image.fromarray(ref_image).save(s.out / "pytorch.png")
     Image.fromarray(ours_image).save(s.out / "runtime.png")
-    figs = _figures(s.out, ref_image, ours_image, drift, speed["end_to_end"], components)
+    figs = _figures(s.out, ref_image, ours_image, drift, speed["end_to_end"], components, s.stages)
     memory = {impl: {"baseline_bytes": baseline, "peak_bytes": t["peak_bytes"]} for impl, t in timed.items()}
     memory["runtime"] = {k: worker["rss"][k] for k in ("baseline_bytes", "peak_bytes")}
     note = (
@@ -228,7 +247,9 @@ def compare(s: Settings, bundle: Bundle, thresholds: Thresholds) -> dict[str, An
             "cpu": cpu_name(),
             "packages": packages(),
             "bf16": bf16_support,
+            "skipped_components": r.skipped,
         },
+        "workload": workload(s, bundle, ref.pipeline_name, len(r.run.timesteps)),
         "thresholds": thresholds.to_json(),
         "accuracy": {
             "components": components,
@@ -252,6 +273,33 @@ def compare(s: Settings, bundle: Bundle, thresholds: Thresholds) -> dict[str, An
         },
         "checks": [c.to_json() for c in checks],
         "figures": figs,
+    }
+
+
+def workload(s: Settings, bundle: Bundle, pipeline: str, steps_run: int) -> dict[str, Any]:
+    """What the end-to-end run generates, and how both sides get the same random numbers."""
+    out: dict[str, Any] = {
+        "kind": s.workload,
+        "strength": s.strength,
+        "mask": s.mask,
+        "pytorch_pipeline": pipeline,
+        "steps_run": steps_run,  # img2img / inpainting run the last int(steps x strength) only
+    }
+    if s.strength is None:
+        return {
+            **out,
+            "random_numbers": f"both sides start from the same latents, numpy default_rng({s.seed})",
+        }
+    inpainting_unet = bundle.unet_in_channels == INPAINT_CHANNELS
+    return {
+        **out,
+        "init_image": f"export/init_images.py init_image({s.width}, {s.height})",
+        "mask_image": f"export/init_images.py init_mask({s.width}, {s.height})" if s.mask else None,
+        "mask_mode": None if not s.mask else "unet" if inpainting_unet else "blend",
+        "random_numbers": f"numpy default_rng({s.seed}) on both sides, drawn in diffusers' order: the init "
+        "image's latent sample, the start noise"
+        + (", the masked image's latent sample" if s.mask else "")
+        + " (diffusers' randn_tensor patched for the call)",
     }
 
 
@@ -341,6 +389,7 @@ def _figures(
     drift: dict[str, Any],
     e2e: dict[str, Any],
     components: dict[str, Any],
+    stages: tuple[str, ...],
 ) -> dict[str, str]:
     medians = {
         impl.replace("_", " "): {k: v["median_s"] for k, v in e2e[impl]["stages"].items()}
@@ -350,7 +399,7 @@ def _figures(
     paths = [
         figures.image_grid(ref_image, ours_image, out / "image_grid.png"),
         figures.latent_drift(drift["max_abs"], drift["rel_l2"], drift["timesteps"], out / "latent_drift.png"),
-        figures.stage_times(medians, out / "stage_times.png"),
+        figures.stage_times(medians, out / "stage_times.png", stages),
     ]
     if "deprojector" in components:
         dep = components["deprojector"]["hidden_states"]

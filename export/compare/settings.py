@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-COMPONENTS = ("clip", "deprojector", "unet", "vae_decoder")
-PRESETS = ("tiny", "sd15")  # export.models.PRESETS, repeated so this module stays torch-free
+# In the order a generation first needs them; "vae_encoder" only in bundles exported with it.
+COMPONENTS = ("clip", "deprojector", "vae_encoder", "unet", "vae_decoder")
+# export.models.PRESETS, repeated so this module stays torch-free
+PRESETS = ("tiny", "sd15", "tiny-inpaint", "sd15-inpaint")
 STAGES = ("text", "denoise", "decode")  # end-to-end stages, as runtime.pipeline.Result.timings names them
+IMAGE_STAGES = ("text", "encode", "denoise", "decode")  # with an init image: its VAE encoding too
 
 
 class UsageError(ValueError):
@@ -39,6 +42,21 @@ class Settings:
     bf16: bool  # also time PyTorch under bfloat16 autocast
     out: Path
     cache_intervals: tuple[int, ...] = ()  # step-caching variants the runtime also runs (> 1 each)
+    # img2img / inpainting on export/init_images.py's init image at (width, height): None = text to image
+    strength: float | None = None  # 0 < strength <= 1
+    mask: bool = False  # inpainting with export/init_images.py's mask (needs `strength`)
+
+    @property
+    def workload(self) -> str:
+        """ "text-to-image", "img2img" or "inpainting"."""
+        if self.strength is None:
+            return "text-to-image"
+        return "inpainting" if self.mask else "img2img"
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The end-to-end stages both sides time for this workload."""
+        return STAGES if self.strength is None else IMAGE_STAGES
 
     def to_json(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
@@ -50,6 +68,8 @@ class Settings:
             "bundle": Path(d["bundle"]),
             "out": Path(d["out"]),
             "cache_intervals": tuple(d.get("cache_intervals", ())),
+            "strength": None if d.get("strength") is None else float(d["strength"]),
+            "mask": bool(d.get("mask", False)),
         })  # fmt: skip
 
     def write(self, path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from export.compare.settings import COMPONENTS, STAGES, Settings
+from export.compare.settings import COMPONENTS, Settings
 from export.compare.timing import Stats, peak_rss_bytes, reset_peak_rss, rss_bytes, time_runs
 from runtime.backends import BackendConfig, open_backend
 from runtime.backends.config import THREADED
@@ -27,8 +27,9 @@ from runtime.options import GenerateOptions
 from runtime.pipeline import Pipeline
 
 
-def generate_options(s: Settings, latents: np.ndarray, cache_interval: int = 1) -> GenerateOptions:
-    """The runtime request matching the PyTorch run (same latents, scheduler, guidance, mode)."""
+def generate_options(s: Settings, e2e: dict[str, np.ndarray], cache_interval: int = 1) -> GenerateOptions:
+    """The runtime request matching the PyTorch run (same latents or init image and mask, scheduler,
+    guidance, mode). `e2e`: the parent's end-to-end inputs ("latents", or "init_image" and "mask")."""
     return GenerateOptions(
         prompts=(s.prompt,),
         negative_prompts=(s.negative,),
@@ -39,20 +40,25 @@ def generate_options(s: Settings, latents: np.ndarray, cache_interval: int = 1) 
         width=s.width,
         scheduler=s.scheduler,
         mode=s.mode,
-        latents=latents,
+        latents=e2e.get("latents"),
         cache_interval=cache_interval,
+        init_image=e2e.get("init_image"),
+        mask=e2e.get("mask"),
+        strength=s.strength,
     )
 
 
-def time_e2e(pipeline: Pipeline, options: GenerateOptions, runs: int) -> dict[str, Any]:
+def time_e2e(
+    pipeline: Pipeline, options: GenerateOptions, runs: int, stage_names: tuple[str, ...]
+) -> dict[str, Any]:
     """`runs` end-to-end generations (already warmed up): total and per-stage statistics."""
     totals: list[float] = []
-    stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    stages: dict[str, list[float]] = {stage: [] for stage in stage_names}
     for _ in range(runs):
         start = time.perf_counter()
         timed = pipeline.generate(options)
         totals.append(time.perf_counter() - start)
-        for stage in STAGES:
+        for stage in stage_names:
             stages[stage].append(timed.timings.get(stage, 0.0))
     return {
         "total": Stats(tuple(totals)).to_json(),
@@ -61,11 +67,15 @@ def time_e2e(pipeline: Pipeline, options: GenerateOptions, runs: int) -> dict[st
 
 
 def run_variant(
-    pipeline: Pipeline, s: Settings, latents: np.ndarray, interval: int, outputs: dict[str, np.ndarray]
+    pipeline: Pipeline,
+    s: Settings,
+    e2e: dict[str, np.ndarray],
+    interval: int,
+    outputs: dict[str, np.ndarray],
 ) -> dict[str, Any]:
     """One step-caching variant: its image and final latent from a first run (which also loads
     its graphs), then its timings."""
-    options = generate_options(s, latents, interval)
+    options = generate_options(s, e2e, interval)
     last: dict[str, np.ndarray] = {}
 
     def keep(i: int, t: float, x: np.ndarray) -> None:
@@ -74,7 +84,7 @@ def run_variant(
     result = pipeline.generate(options, on_step=keep)
     outputs[f"cache{interval}/image"] = result.images[0]
     outputs[f"cache{interval}/final_latent"] = last["latent"]
-    return time_e2e(pipeline, options, s.runs)
+    return time_e2e(pipeline, options, s.runs, s.stages)
 
 
 def run(job: Path) -> dict[str, Any]:
@@ -99,7 +109,8 @@ def run(job: Path) -> dict[str, Any]:
         components[name] = {"cold_s": cold, **stats.to_json()}
 
     pipeline = Pipeline(bundle, backend)
-    options = generate_options(s, inputs["e2e/latents"])
+    e2e = {k.split("/", 1)[1]: v for k, v in inputs.items() if k.startswith("e2e/")}
+    options = generate_options(s, e2e)
     steps: list[np.ndarray] = []
     timesteps: list[float] = []
 
@@ -111,12 +122,12 @@ def run(job: Path) -> dict[str, Any]:
     outputs["e2e/image"] = result.images[0]
     outputs["e2e/steps"] = np.stack(steps)
     outputs["e2e/timesteps"] = np.asarray(timesteps, dtype=np.float64)
-    e2e = time_e2e(pipeline, options, s.runs)
-    variants = {n: run_variant(pipeline, s, inputs["e2e/latents"], n, outputs) for n in s.cache_intervals}
+    timed = time_e2e(pipeline, options, s.runs, s.stages)
+    variants = {n: run_variant(pipeline, s, e2e, n, outputs) for n in s.cache_intervals}
     np.savez(job / "outputs.npz", **cast(dict[str, Any], outputs))
     return {
         "components": components,
-        "e2e": e2e,
+        "e2e": timed,
         "variants": {str(n): v for n, v in variants.items()},
         "rss": {"baseline_bytes": baseline, "peak_bytes": peak_rss_bytes(), "peak_reset": peak_tracked},
         "torch_imported": "torch" in sys.modules,

@@ -51,8 +51,8 @@ from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
 
 log = logging.getLogger(__name__)
 
-# Where the time goes (the UNet and its step-caching halves, the VAE decoder); the rest stays fp32.
-BF16_MODELS = frozenset({"unet", DEEPCACHE_FULL, DEEPCACHE_SHALLOW, "vae_decoder"})
+# Where the time goes (the UNet and its step-caching halves, the VAE); the rest stays fp32.
+BF16_MODELS = frozenset({"unet", DEEPCACHE_FULL, DEEPCACHE_SHALLOW, "vae_encoder", "vae_decoder"})
 _HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the ops left unquantized in fp32
 # One conversion at a time: each holds a whole fp32 graph in memory (3.4 GB for the SD 1.5 UNet),
 # and convert_model sets the root logger's level (restoring it only when it succeeds), which two at

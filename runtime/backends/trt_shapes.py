@@ -99,6 +99,8 @@ def profile_arguments(dims: Mapping[str, int], profiles: Sequence[Profile], scal
     args = []
     if "height" in dims and "width" in dims:
         args += ["--shapes", f"{dims['width'] * scale}x{dims['height'] * scale}"]
+    elif "image_height" in dims and "image_width" in dims:  # the VAE encoder: its input is pixels
+        args += ["--shapes", f"{dims['image_width']}x{dims['image_height']}"]
     batch = dims.get("batch")
     built = [p["batch"] for p in profiles if "batch" in p]
     if batch is not None and not any(r.min <= batch <= r.max for r in built):

@@ -80,6 +80,9 @@ class SchedulerConfig:
     clip_sample: bool | None = None  # DDIM only; diffusers' DDIM clips x_0 unless told not to
     clip_sample_range: float = 1.0
     prediction_type: str = "epsilon"
+    # LCM/TCD only (the others ignore them, as diffusers does); checked by those samplers.
+    original_inference_steps: int = 50  # the distillation schedule their timesteps are picked from
+    timestep_scaling: float = 10.0  # LCM's boundary-condition scale (c_skip, c_out)
 
     def __post_init__(self) -> None:
         if self.prediction_type not in PREDICTION_TYPES:
@@ -159,13 +162,17 @@ def discrete_timesteps(num_inference_steps: int, config: SchedulerConfig, spacin
 class Scheduler(ABC):
     """A sampler: `set_timesteps` once, then per step `scale_model_input` -> UNet -> `step`.
 
-    The caller passes `step_index` (0..len(timesteps)-1); there is no hidden step counter.
-    Multistep samplers keep their model-output history on the instance, cleared by
-    `set_timesteps` and at `step_index == 0`, so they must be stepped in order.
+    The caller passes `step_index` (begin_index..len(timesteps)-1); there is no hidden step
+    counter. A run starts at `begin_index`: 0 for text-to-image, part-way for img2img/inpaint
+    (`set_begin_index`, then `add_noise` for the start latents). Multistep samplers keep their
+    model-output history on the instance, cleared by `set_timesteps`, `set_begin_index` and at
+    `step_index == begin_index`, so they must be stepped in order.
     """
 
     name: ClassVar[str]
     default_spacing: ClassVar[str] = "leading"
+    # diffusers class defaults that differ from SchedulerConfig's (DDPM's): used for missing keys.
+    config_defaults: ClassVar[Mapping[str, Any]] = {}
     stochastic: ClassVar[bool] = False  # True: `step` needs fresh standard-normal `noise`
 
     def __init__(self, config: SchedulerConfig) -> None:
@@ -174,10 +181,44 @@ class Scheduler(ABC):
         self.alphas_cumprod: FloatArray = alphas_cumprod(config)
         self.init_noise_sigma: float = 1.0
         self.timesteps: np.ndarray = np.zeros(0, dtype=np.int64)
+        self.begin_index: int = 0
 
     @abstractmethod
     def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
-        """Plan the schedule; returns the timesteps the UNet sees, in order."""
+        """Plan the schedule and start runs at step 0; returns the timesteps the UNet sees, in order."""
+
+    def set_begin_index(self, index: int) -> None:
+        """Start the next run at step `index` (img2img/inpaint skip the noisiest steps), as diffusers'
+        `set_begin_index`: that first step sees no multistep history, whatever ran before."""
+        n = len(self.timesteps)
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < n:
+            hint = "; call set_timesteps first" if n == 0 else ""
+            raise ValueError(f"begin index must be an int in [0, {n}), got {index!r}{hint}")
+        self.begin_index = int(index)
+        self._reset_history()
+
+    def _reset_history(self) -> None:  # noqa: B027 (a hook: only multistep samplers override it)
+        """Forget the multistep history of a run; one-step samplers have none."""
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, step_index: int) -> np.ndarray:
+        """Forward-diffuse clean latents to the noise level of step `step_index`: the img2img start
+        latents (at `begin_index`) and an inpaint's re-noised image after each step (at the next
+        index). diffusers' `add_noise(original, noise, timesteps[step_index])` in a pipeline."""
+        if noise.shape != original.shape:
+            raise ValueError(f"noise shape {noise.shape} != original shape {original.shape}")
+        n = len(self.timesteps)
+        if not 0 <= step_index < n:
+            hint = "; call set_timesteps first" if n == 0 else ""
+            raise ValueError(f"step_index {step_index} is outside [0, {n}){hint}")
+        signal, noise_std = self._noise_scales(step_index)
+        noisy = signal * to_f64(original) + noise_std * to_f64(noise)
+        return noisy.astype(original.dtype, copy=False)
+
+    def _noise_scales(self, step_index: int) -> tuple[float, float]:
+        """(signal, noise) coefficients of `add_noise`; alpha-space samplers (DDIM, PNDM) use
+        sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) at the step's integer timestep t."""
+        alpha_prod_t = float(self.alphas_cumprod[int(self.timesteps[step_index])])
+        return math.sqrt(alpha_prod_t), math.sqrt(1.0 - alpha_prod_t)
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
         """Identity for alpha-space samplers (DDIM, PNDM, DPM-Solver)."""
@@ -205,27 +246,32 @@ class Scheduler(ABC):
         return int(n)
 
     def _check_index(self, step_index: int) -> None:
-        if not 0 <= step_index < len(self.timesteps):
+        """Steps before `begin_index` are not part of the run (their noise level was skipped)."""
+        begin, n = self.begin_index, len(self.timesteps)
+        if not begin <= step_index < n:
+            hint = "; call set_timesteps first" if n == 0 else ""
             raise IndexError(
-                f"step_index {step_index} is outside [0, {len(self.timesteps)}); call set_timesteps first"
+                f"step_index {step_index} is outside [{begin}, {n}) (begin index to end of schedule){hint}"
             )
 
 
 class MultistepState:
-    """Guard for samplers with a history: steps must come in order 0, 1, 2, ..."""
+    """Guard for samplers with a history: a run's steps come in order begin, begin + 1, ..."""
 
-    def __init__(self) -> None:
-        self.last_index = -1
+    def __init__(self, begin: int = 0) -> None:
+        self.begin = begin
+        self.last_index: int | None = None
 
     def advance(self, step_index: int) -> bool:
         """Record `step_index`; returns True when the history must be cleared (a new run)."""
-        if step_index != 0 and step_index != self.last_index + 1:
+        in_order = self.last_index is not None and step_index == self.last_index + 1
+        if step_index != self.begin and not in_order:
             raise ValueError(
-                f"step_index {step_index} out of order (last was {self.last_index}); "
-                "multistep samplers must be stepped 0, 1, 2, ..."
+                f"step_index {step_index} out of order (last was {self.last_index}); multistep "
+                f"samplers must be stepped {self.begin}, {self.begin + 1}, ... from the begin index"
             )
         self.last_index = step_index
-        return step_index == 0
+        return step_index == self.begin
 
 
 def to_f64(x: np.ndarray) -> FloatArray:

@@ -26,6 +26,7 @@ class DDIMScheduler(Scheduler):
         n = self._check_steps(num_inference_steps)
         self.timesteps = discrete_timesteps(n, self.config, self.spacing)
         self._step_ratio = self.config.num_train_timesteps // n
+        self.set_begin_index(0)
         return self.timesteps.copy()
 
     def step(

@@ -33,8 +33,8 @@ class DPMSolverPP2MScheduler(Scheduler):
     """Matches diffusers `DPMSolverMultistepScheduler` (dpmsolver++, order 2, midpoint,
     lower_order_final, final sigma 0).
 
-    History (instance state, cleared by `set_timesteps` and at step_index 0): `model_outputs`,
-    the x_0 predictions of the previous and the current step.
+    History (instance state, cleared by `set_timesteps`, `set_begin_index` and at the begin
+    index): `model_outputs`, the x_0 predictions of the previous and the current step.
     """
 
     name = "dpmpp_2m"
@@ -45,8 +45,11 @@ class DPMSolverPP2MScheduler(Scheduler):
 
     def __init__(self, config: SchedulerConfig) -> None:
         super().__init__(config)
+        self._reset_history()
+
+    def _reset_history(self) -> None:
         self.model_outputs: list[FloatArray] = []
-        self._order = MultistepState()
+        self._order = MultistepState(self.begin_index)
 
     def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
         n = self._check_steps(num_inference_steps)
@@ -63,8 +66,7 @@ class DPMSolverPP2MScheduler(Scheduler):
             sigmas = np.interp(timesteps, np.arange(len(table)), table)
         self.timesteps = timesteps
         self.sigmas = np.concatenate([sigmas, [0.0]])
-        self.model_outputs = []
-        self._order = MultistepState()
+        self.set_begin_index(0)
         return self.timesteps.copy()
 
     def _spaced_timesteps(self, n: int) -> np.ndarray:
@@ -94,10 +96,11 @@ class DPMSolverPP2MScheduler(Scheduler):
         # 2. data prediction x_0 = (x - sigma_s0 * eps) / alpha_s0 (the "++"), kept as history.
         m0 = (x - sigma_s0 * eps) / alpha_s0
         self.model_outputs = [*self.model_outputs[-1:], m0]
-        # 3. first order on the first step (no history) and the last (lower_order_final, sigma -> 0).
+        # 3. first order on the run's first step (no history, also from a begin index > 0) and on
+        # the last (lower_order_final, sigma -> 0).
         phi = math.expm1(-h)  # e^{-h} - 1; -1 at the last step where h = +inf
         last = step_index == len(self.timesteps) - 1
-        if step_index == 0 or last:
+        if step_index == self.begin_index or last:
             prev_sample = (sigma_t / sigma_s0) * x - alpha_t * phi * m0
         # 4. otherwise second order: D1 = (m0 - m1) / r0 with r0 = h_0 / h (midpoint form).
         else:
@@ -107,6 +110,10 @@ class DPMSolverPP2MScheduler(Scheduler):
             d0, d1 = m0, (m0 - m1) / r0
             prev_sample = (sigma_t / sigma_s0) * x - alpha_t * phi * d0 - 0.5 * alpha_t * phi * d1
         return prev_sample.astype(sample.dtype, copy=False)
+
+    def _noise_scales(self, step_index: int) -> tuple[float, float]:
+        """(alpha_t, sigma_t) of the step's sigma: DPM-Solver latents live in VP (alpha) space."""
+        return _alpha_sigma(float(self.sigmas[step_index]))
 
 
 class DPMSolverPP2MKarrasScheduler(DPMSolverPP2MScheduler):

@@ -30,6 +30,7 @@ class EulerDiscreteScheduler(Scheduler):
         sigma_max = float(self.sigmas.max())
         trailing_like = self.spacing in ("linspace", "trailing")
         self.init_noise_sigma = sigma_max if trailing_like else float(np.sqrt(sigma_max**2 + 1.0))
+        self.set_begin_index(0)
         return self.timesteps.copy()
 
     def scale_model_input(self, sample: np.ndarray, step_index: int) -> np.ndarray:
@@ -37,6 +38,11 @@ class EulerDiscreteScheduler(Scheduler):
         self._check_index(step_index)
         sigma = self.sigmas[step_index]
         return (to_f64(sample) / np.sqrt(sigma**2 + 1.0)).astype(sample.dtype, copy=False)
+
+    def _noise_scales(self, step_index: int) -> tuple[float, float]:
+        """x_0 + sigma * noise: sigma-space latents carry unscaled signal. The sigma is the step's
+        own (diffusers picks it by begin/step index, not by looking the timestep up)."""
+        return 1.0, float(self.sigmas[step_index])
 
     def step(
         self, model_output: np.ndarray, step_index: int, sample: np.ndarray, noise: np.ndarray | None = None

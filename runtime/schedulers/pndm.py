@@ -14,8 +14,10 @@ from .base import FloatArray, MultistepState, Scheduler, SchedulerConfig, discre
 class PNDMScheduler(Scheduler):
     """Matches diffusers `PNDMScheduler(skip_prk_steps=True)`.
 
-    History (instance state, cleared by `set_timesteps` and at step_index 0): `ets`, the last
-    four epsilons, and `cur_sample`, the x_t of step 0 that step 1 restarts from.
+    History (instance state, cleared by `set_timesteps`, `set_begin_index` and at the begin
+    index): `ets`, the last four epsilons, and `cur_sample`, the x_t of a run's first step that
+    its second step restarts from. Like diffusers' PLMS counter, "first" and "second" count from
+    the begin index: an img2img run is a PLMS run of its own on the tail of the timesteps.
     """
 
     name = "pndm"
@@ -26,12 +28,12 @@ class PNDMScheduler(Scheduler):
         to_one = False if config.set_alpha_to_one is None else config.set_alpha_to_one
         self.final_alpha_cumprod = 1.0 if to_one else float(self.alphas_cumprod[0])
         self._step_ratio = 0
-        self._reset()
+        self._reset_history()
 
-    def _reset(self) -> None:
+    def _reset_history(self) -> None:
         self.ets: list[FloatArray] = []
         self.cur_sample: FloatArray | None = None
-        self._order = MultistepState()
+        self._order = MultistepState(self.begin_index)
 
     def set_timesteps(self, num_inference_steps: int) -> np.ndarray:
         n = self._check_steps(num_inference_steps)
@@ -40,7 +42,7 @@ class PNDMScheduler(Scheduler):
         plms = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
         self.timesteps = np.ascontiguousarray(plms).astype(np.int64)
         self._step_ratio = self.config.num_train_timesteps // n
-        self._reset()
+        self.set_begin_index(0)
         return self.timesteps.copy()
 
     def step(
@@ -51,19 +53,21 @@ class PNDMScheduler(Scheduler):
         if self._order.advance(step_index):
             self.ets, self.cur_sample = [], None
         x_t, eps = to_f64(sample), to_f64(model_output)
+        counter = step_index - self.begin_index  # diffusers' PLMS counter: 0 on the run's first step
         # 1. t and t_prev = t - T // n.
         t = int(self.timesteps[step_index])
         t_prev = t - self._step_ratio
-        # 2. Step 1 redoes step 0's interval (t + T//n -> t) from step 0's x_t; others record eps.
-        if step_index == 1:
+        # 2. The second step redoes the first one's interval (t + T//n -> t) from the first step's
+        # x_t; the others record eps.
+        if counter == 1:
             t_prev, t = t, t + self._step_ratio
         else:
             self.ets = [*self.ets[-3:], eps]
         # 3. eps' = Adams-Bashforth combination of the recorded epsilons (order grows to 4).
-        if step_index == 0:
+        if counter == 0:
             eps_prime = eps
             self.cur_sample = x_t
-        elif step_index == 1:
+        elif counter == 1:
             assert self.cur_sample is not None
             eps_prime = (eps + self.ets[-1]) / 2
             x_t, self.cur_sample = self.cur_sample, None

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from runtime.errors import RequestError, SetupError
 from runtime.image import infotext, png_bytes
+from runtime.options import ResolvedOptions
 from runtime.pipeline import Result
 from runtime.serving.auth import bearer_auth
 from runtime.serving.dispatch import generate, prepare, request_timeout
@@ -178,7 +179,11 @@ def create_app(
         summary="prompt in, images out (JSON with base64 PNGs, or one PNG with Accept: image/png)",
     )
     async def generate_v1(body: GenerateRequest, request: Request) -> Response:
-        resolved = prepare(body.to_options(), engine, limits)  # RequestError: 422 (on_bad_request)
+        def resolve() -> ResolvedOptions:  # RequestError: 422 (on_bad_request)
+            return prepare(body.to_options(), engine, limits)
+
+        # Decoding and resizing an init image takes CPU time: not on the event loop.
+        resolved = await asyncio.to_thread(resolve) if body.has_images else resolve()
         result = await generate(request, engine, resolved, request_timeout(body.timeout, limits), _record)
         precision = engine.pipeline.backend.precision
         texts = [infotext(result, i, backend_name, precision, model_dir) for i in range(len(result.images))]

@@ -5,7 +5,7 @@ merged: one prompt each; equal size, steps, guidance, scheduler, mode, compose s
 cache interval;
 a deterministic scheduler (an ancestral one draws per-step noise from the call's seed + row,
 which a merge would reassign); truncated prompts (chunked prompts pad to the longest in a call);
-no caller-supplied latents. Each request's initial noise is drawn from its own seeds here, the
+no caller-supplied latents, no init image. Each request's initial noise is drawn from its own seeds here, the
 way the pipeline draws it, and passed in as `latents`.
 """
 
@@ -26,6 +26,8 @@ def batch_key(options: ResolvedOptions, bundle: Bundle) -> Hashable | None:
     """What merged requests must share; None: this request always runs alone. `options` are validated."""
     o = options
     if len(o.prompts) != 1 or o.latents is not None or o.long_prompt != "truncate":
+        return None
+    if o.init_image is not None:  # its latents come from its own image (and mask)
         return None
     if make_scheduler(o.scheduler, bundle.scheduler_config).stochastic:
         return None

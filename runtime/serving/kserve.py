@@ -1,18 +1,24 @@
 """Triton / KServe v2 HTTP inference protocol, so `tritonclient.http` (and other v2 clients) work.
 
 One model (default name "sdrt", version "1"). Inputs: `prompt` BYTES [1] (required), optional
-one-element `negative_prompt`, `scheduler`, `mode`, `compose_mode`, `long_prompt` (BYTES),
-`steps`, `seed`, `width`, `height`, `num_images`, `cache_interval` (any INT/UINT type),
-`guidance` (FP16/32/64), `normalize` (BOOL). Outputs: `image` UINT8 [N, H, W, 3], `seed` INT64
-[N] and `parameters` BYTES [N] (each image's A1111 text, as in its PNG). Request parameter
-`timeout` (microseconds, Triton's unit) shortens the deadline.
+one-element `negative_prompt`, `scheduler`, `mode`, `compose_mode`, `long_prompt`, `mask_mode`,
+`resize_mode` (BYTES), `steps`, `seed`, `width`, `height`, `num_images`, `cache_interval`,
+`mask_blur` (any INT/UINT type), `guidance`, `strength` (FP16/32/64), `normalize` (BOOL).
+img2img / inpainting: optional `init_image` and `mask`, each either BYTES [1] holding an image
+file (PNG, JPEG, WebP: raw bytes in the binary tensor extension, base64 text in JSON `data`), or
+the pixels as UINT8, [H, W, 3] RGB for `init_image` and [H, W] for `mask` (white = repaint).
+Outputs: `image` UINT8 [N, H, W, 3], `seed` INT64 [N] and `parameters` BYTES [N] (each image's
+A1111 text, as in its PNG). Request parameter `timeout` (microseconds, Triton's unit) shortens
+the deadline.
 
 Errors: a malformed request (JSON, tensor shapes, datatypes, unknown inputs) is 400, as Triton
-answers; a well-formed one with a bad value (unreadable text, steps out of range) is 422, as /v1.
+answers; a well-formed one with a bad value (unreadable text, steps out of range, an image that
+cannot be read) is 422, as /v1.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -21,10 +27,12 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
 from runtime.errors import RequestError
 from runtime.image import infotext
-from runtime.options import GenerateOptions
+from runtime.init_image import check_array, read_image
+from runtime.options import GenerateOptions, ResolvedOptions
 from runtime.pipeline import Result
 from runtime.serving.dispatch import generate, prepare, request_timeout
 from runtime.serving.engine import Engine
+from runtime.serving.images import image_from_base64
 from runtime.serving.kserve_codec import (
     HEADER_LENGTH,
     CodecError,
@@ -38,14 +46,18 @@ from runtime.serving.kserve_codec import (
 from runtime.serving.limits import Limits
 
 VERSION = "1"
-_STRINGS = ("prompt", "negative_prompt", "scheduler", "mode", "compose_mode", "long_prompt")
-_INTS = ("steps", "seed", "width", "height", "num_images", "cache_interval")
+_STRINGS = ("prompt", "negative_prompt", "scheduler", "mode", "compose_mode", "long_prompt", "mask_mode",
+            "resize_mode")  # fmt: skip
+_INTS = ("steps", "seed", "width", "height", "num_images", "cache_interval", "mask_blur")
+IMAGES = {"init_image": [-1, -1, 3], "mask": [-1, -1]}  # name -> its shape as a UINT8 pixel tensor
 INPUTS = {
     **{name: "BYTES" for name in _STRINGS},
     **{name: "INT32" for name in _INTS},
     "seed": "INT64",
     "guidance": "FP32",
+    "strength": "FP32",
     "normalize": "BOOL",
+    **{name: "BYTES" for name in IMAGES},  # an image file; UINT8 pixels are accepted too
 }  # name -> the datatype the metadata advertises (other widths of the same kind are accepted)
 OUTPUTS = {"image": ("UINT8", [-1, -1, -1, 3]), "seed": ("INT64", [-1]), "parameters": ("BYTES", [-1])}
 _EXAMPLE = {
@@ -102,13 +114,36 @@ def _one(name: str, spec: InferTensor, value: Tensor) -> Any:
     return int(element)
 
 
+def _image(name: str, spec: InferTensor, value: Tensor) -> np.ndarray:
+    """An `init_image` or `mask` input: one encoded image file (BYTES) or its pixels (UINT8)."""
+    mask = name == "mask"
+    pixels = "[H, W]" if mask else "[H, W, 3]"
+    if spec.datatype == "BYTES":
+        assert isinstance(value, list)
+        if len(value) != 1:
+            raise CodecError(f"input {name} as BYTES must be one image file; got shape {spec.shape}")
+        if spec.parameters.get("binary_data_size") is None:  # JSON `data`: text, so base64
+            return image_from_base64(value[0].decode("utf-8"), name, mask)
+        return read_image(value[0], name, mask)
+    if spec.datatype != "UINT8":
+        raise CodecError(
+            f"input {name} must be BYTES (an image file) or UINT8 {pixels} (its pixels); got {spec.datatype}"
+        )
+    assert isinstance(value, np.ndarray)
+    if len(spec.shape) != len(IMAGES[name]) or (not mask and spec.shape[-1] != 3):
+        raise CodecError(f"input {name} as UINT8 must have shape {pixels}; got {spec.shape}")
+    return check_array(value.reshape(spec.shape), name, mask)
+
+
 def options_from_inputs(specs: dict[str, InferTensor], values: dict[str, Tensor]) -> GenerateOptions:
     unknown = sorted(set(values) - set(INPUTS))
     if unknown:
         raise CodecError(f"unknown input(s) {', '.join(unknown)}; this model takes {', '.join(INPUTS)}")
     if "prompt" not in values:
         raise CodecError("input prompt (BYTES, shape [1]) is required")
-    args = {name: _one(name, specs[name], value) for name, value in values.items()}
+    args = {name: _one(name, specs[name], value) for name, value in values.items() if name not in IMAGES}
+    # the images last: every cheap check has passed before one is decoded
+    args |= {name: _image(name, specs[name], value) for name, value in values.items() if name in IMAGES}
     negative = args.pop("negative_prompt", "")
     return GenerateOptions(
         prompts=(args.pop("prompt"),), negative_prompts=(negative,) if negative else (), **args
@@ -202,12 +237,17 @@ def build_router(
                 415, "compressed inference requests are not supported; send them uncompressed"
             )
         body = await request.body()
-        try:
-            parsed, specs, values = decode_request(body, request.headers.get(HEADER_LENGTH))
-            names, binary = _wanted_outputs(parsed)
-            options = prepare(options_from_inputs(specs, values), engine, limits)
-        except CodecError as exc:  # not a well-formed v2 request; bad values (RequestError) are 422
-            raise HTTPException(400, str(exc)) from None
+
+        def parse() -> tuple[InferRequest, list[str], set[str], ResolvedOptions]:
+            try:
+                parsed, specs, values = decode_request(body, request.headers.get(HEADER_LENGTH))
+                names, binary = _wanted_outputs(parsed)
+                return parsed, names, binary, prepare(options_from_inputs(specs, values), engine, limits)
+            except CodecError as exc:  # not a well-formed v2 request; bad values (RequestError) are 422
+                raise HTTPException(400, str(exc)) from None
+
+        # Parsing a large body and decoding and resizing images take CPU time: not on the event loop.
+        parsed, names, binary, options = await asyncio.to_thread(parse)
         asked = parsed.parameters.get("timeout")
         timeout = request_timeout(
             asked / 1e6 if isinstance(asked, (int, float)) and asked > 0 else None, limits

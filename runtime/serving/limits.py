@@ -20,7 +20,9 @@ class Limits:
     max_side: int | None = None  # pixels per image side; None: whatever the bundle allows
     max_images: int = 4  # images per request (prompts x num_images)
     max_prompt_chars: int = 2000  # per prompt and per negative prompt
-    max_body_bytes: int = 1 << 20  # HTTP request bodies
+    # HTTP request bodies. 16 MiB: room for an init image and a mask as base64 in JSON (4/3 of the
+    # files' size; a 1024x1024 photo is 2-3 MB as PNG). A deployment without images can lower it.
+    max_body_bytes: int = 16 << 20
     timeout_s: float = 300.0  # per-request deadline (queue wait + generation); requests may ask for less
     read_timeout_s: float = 15.0  # a request's headers, then its body, must each arrive within this
 

@@ -12,8 +12,20 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.errors import RequestError
-from runtime.options import COMPOSE_MODES, MODES, GenerateOptions, ResolvedOptions, options_from, parse_size
+from runtime.init_image import RESIZE_MODES
+from runtime.options import (
+    COMPOSE_MODES,
+    DEFAULT_STRENGTH,
+    MASK_MODES,
+    MAX_MASK_BLUR,
+    MODES,
+    GenerateOptions,
+    ResolvedOptions,
+    options_from,
+    parse_size,
+)
 from runtime.schedulers import SCHEDULERS
+from runtime.serving.images import image_from_base64
 from runtime.tokenizer import LONG_PROMPT_MODES
 
 _EXAMPLES: list[Any] = [
@@ -50,6 +62,41 @@ class GenerateRequest(BaseModel):
         description="step caching: the whole UNet every N-th step, its shallow part in between "
         "(faster, approximate; needs a bundle exported with --deepcache); 1 = off",
     )
+    init_image: str | None = Field(
+        None,
+        strict=True,
+        description="img2img / inpainting: the starting image, a PNG, JPEG or WebP file base64-encoded "
+        "(a data:image/...;base64, URL prefix is accepted); RGB or grayscale, 8 bits. Without a size "
+        "the output takes its size (scaled down to fit the bundle, rounded to its multiple)",
+    )
+    mask: str | None = Field(
+        None,
+        strict=True,
+        description="inpainting: a base64-encoded image file the init_image's size; white marks what to "
+        "repaint, black what to keep (grayscale, 1-bit or RGB read as grayscale; binarized at 50%)",
+    )
+    strength: float | None = Field(
+        None,
+        strict=True,
+        description=f"with an init_image: how much to change it, 0 < strength <= 1 (1: ignore its "
+        f"content; default {DEFAULT_STRENGTH}); denoises for the last int(steps x strength) steps",
+    )
+    mask_blur: int = Field(
+        0, strict=True, description=f"with a mask: Gaussian blur radius in pixels, 0-{MAX_MASK_BLUR}"
+    )
+    mask_mode: str = Field(
+        "auto",
+        description="with a mask: unet (an inpainting UNet's 9-channel input), blend (keep the unmasked "
+        "area from the init image after every step; any UNet), auto (unet if the bundle's UNet is one)",
+        json_schema_extra={"enum": list(MASK_MODES)},
+    )
+    resize_mode: str = Field(
+        "just_resize",
+        description="an init_image (and mask) of another size than the output is: stretched "
+        "(just_resize), scaled to cover and centre-cropped (crop_and_resize), or scaled to fit with "
+        "the borders filled from its edges (resize_and_fill)",
+        json_schema_extra={"enum": list(RESIZE_MODES)},
+    )
     timeout: float | None = Field(
         None, gt=0, description="seconds until the server gives up (capped by its --timeout)"
     )
@@ -62,12 +109,22 @@ class GenerateRequest(BaseModel):
             raise RequestError("give size or width/height, not both")
         return parse_size(self.size, "size")
 
+    @property
+    def has_images(self) -> bool:
+        return self.init_image is not None or self.mask is not None
+
     def to_options(self) -> GenerateOptions:
+        """The request as GenerateOptions, its images decoded (RequestError naming a bad one)."""
+        init_image = None if self.init_image is None else image_from_base64(self.init_image, "init_image")
+        mask = None if self.mask is None else image_from_base64(self.mask, "mask", mask=True)
         return options_from(
             {**dict(self), "size": self.size_pair()},
             prompts=(self.prompt,),
             negative_prompts=(self.negative_prompt,) if self.negative_prompt else (),
             guidance=float(self.guidance),
+            strength=None if self.strength is None else float(self.strength),
+            init_image=init_image,
+            mask=mask,
         )
 
 
@@ -88,6 +145,12 @@ class GenerationParameters(BaseModel):
     num_images: int
     long_prompt: str
     cache_interval: int
+    init_image: bool = Field(False, description="whether an init image was given (it is not sent back)")
+    mask: bool = Field(False, description="whether a mask was given (it is not sent back)")
+    strength: float | None = Field(None, description="with an init_image; else null")
+    resize_mode: str | None = Field(None, description="with an init_image; else null")
+    mask_blur: int | None = Field(None, description="with a mask; else null")
+    mask_mode: str | None = Field(None, description="with a mask: unet or blend (auto resolved); else null")
 
     @classmethod
     def from_options(cls, o: ResolvedOptions) -> GenerationParameters:
@@ -106,6 +169,12 @@ class GenerationParameters(BaseModel):
             num_images=o.num_images,
             long_prompt=o.long_prompt,
             cache_interval=o.cache_interval,
+            init_image=o.init_image is not None,
+            mask=o.mask is not None,
+            strength=o.strength,
+            resize_mode=None if o.init_image is None else o.resize_mode,
+            mask_blur=None if o.mask is None else o.mask_blur,
+            mask_mode=o.mask_mode if o.mask is not None else None,
         )
 
 
