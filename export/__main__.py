@@ -18,7 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from export.build import PRECISION_CHOICES, ExportOptions, export_bundle
 from export.int8 import SCHEMES, Int8Options, add_int8
-from export.models import DEFAULT_SEED, PRESETS
+from export.models import DEFAULT_SEED, PRESETS, UnsupportedModel
 from runtime.cli import positive_int
 from runtime.errors import RequestError
 
@@ -140,7 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("onnxruntime").setLevel(logging.WARNING)  # the fp16 converter lists nodes at INFO
     with logging_redirect_tqdm():  # log lines above the progress bar, not through it
-        result = export_bundle(opts)
+        try:
+            result = export_bundle(opts)
+        except UnsupportedModel as exc:
+            parser.error(f"--model: {exc}")
     if result.reused:
         print(f"bundle {result.out} is up to date ({result.reason}): reused, nothing exported")
     else:

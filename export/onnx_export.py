@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformers import CLIPTextModel
 
 from runtime.specs import (
+    CLIP_VISION,
     CONTEXT_LENGTH,
     DEEPCACHE_FULL,
     DEEPCACHE_SHALLOW,
@@ -97,6 +98,24 @@ class VaeDecoderWrapper(nn.Module):
         return ((image + 1) / 2).clamp(0, 1)
 
 
+class ClipVisionWrapper(nn.Module):
+    """pixel_values [B, 3, S, S] (CLIP-preprocessed) -> image_embeds [B, P].
+
+    The vision model's pooled output (the class token after post_layernorm) through
+    visual_projection, as CLIPVisionModelWithProjection's image_embeds and the safety checker's
+    embedding; not normalized (the runtime normalizes before the CLIP score's cosine)."""
+
+    def __init__(self, vision_model: nn.Module, visual_projection: nn.Module) -> None:
+        super().__init__()
+        self.vision_model: Any = vision_model
+        self.visual_projection = visual_projection
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+        image_embeds: Tensor = self.visual_projection(pooled)
+        return image_embeds
+
+
 def example_ids(batch: int, tokens: int, seed: int = 0) -> Tensor:
     """Plausible token ids: each 77-chunk is BOS, words, EOS, EOS padding (int32)."""
     gen = torch.Generator().manual_seed(seed)
@@ -112,12 +131,18 @@ def example_ids(batch: int, tokens: int, seed: int = 0) -> Tensor:
 
 
 def example_inputs(
-    name: str, hidden: int, feature_channels: int = 0, unet_channels: int = LATENT_CHANNELS
+    name: str,
+    hidden: int,
+    feature_channels: int = 0,
+    unet_channels: int = LATENT_CHANNELS,
+    image_size: int = 0,
 ) -> tuple[Tensor, ...]:
     """Trace inputs for model `name`: batch 2, two prompt chunks, a non-square 16x24 latent
     (`feature_channels`: the cached feature's, for the step-caching shallow UNet; `unet_channels`:
-    the UNet's input channels, 9 for an inpainting UNet)."""
+    the UNet's input channels, 9 for an inpainting UNet; `image_size`: the CLIP image tower's side)."""
     gen = torch.Generator().manual_seed(0)
+    if name == CLIP_VISION:  # normalized pixels: roughly zero mean, unit spread
+        return (torch.randn(2, 3, image_size, image_size, generator=gen),)
     if name == "clip":
         return (example_ids(2, 2 * CONTEXT_LENGTH),)
     if name == "deprojector":

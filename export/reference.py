@@ -32,6 +32,7 @@ from PIL import Image
 from export.deepcache import cached_unet
 from export.models import SDComponents
 from runtime.compose import compose, parse_prompt
+from runtime.guidance import one_based
 
 MODES = ("standard", "deproject", "compose")
 
@@ -128,6 +129,7 @@ class ReferencePipeline:
         mask: Image.Image | None = None,
         strength: float = 0.75,
         mask_blur: int = 0,
+        cfg_convention: str = "1-based",
     ) -> Any:
         """Images as float (N, H, W, 3) in [0, 1] (output_type="np") or PIL images ("pil").
 
@@ -161,7 +163,7 @@ class ReferencePipeline:
                 prompt_embeds=self.prompt_states(prompt, mode, compose_mode, normalize),
                 negative_prompt_embeds=self.encode([negative_prompt]).last_hidden_state,
                 num_inference_steps=steps,
-                guidance_scale=guidance,
+                guidance_scale=one_based(guidance, cfg_convention),
                 generator=torch.Generator().manual_seed(seed),
                 output_type=output_type,
                 **size,

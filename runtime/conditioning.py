@@ -3,9 +3,15 @@
 Every text of a request goes through CLIP in ONE batched call (negatives, prompts, and for
 composition every comma piece plus ""), and the deprojector runs once for all prompts.
 Negative prompts always use real CLIP states, never deprojected ones.
+
+With `clip_score`, the prompts' own `text_embeds` come along: from the same CLIP call in the
+standard and deproject modes (a chunked prompt's first chunk is its truncated text), from one more
+CLIP call of the prompt texts in compose mode (whose call encodes the pieces, not the prompt).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,18 +28,26 @@ def _clip(
     return backend.run("clip", {"input_ids": ids})
 
 
-def prompt_states(
-    backend: Backend, tokenizer: ClipTokenizer, options: ResolvedOptions
-) -> tuple[np.ndarray, np.ndarray]:
-    """(uncond, cond) states, each (P, 77·k, D) with one row per prompt."""
+@dataclass(frozen=True)
+class PromptStates:
+    uncond: np.ndarray  # (P, 77·k, D), one row per prompt
+    cond: np.ndarray  # (P, 77·k, D)
+    text_embeds: np.ndarray | None  # (P, projection): the prompts' own, with options.clip_score only
+
+
+def prompt_states(backend: Backend, tokenizer: ClipTokenizer, options: ResolvedOptions) -> PromptStates:
+    """(uncond, cond) states with one row per prompt, and the prompts' text_embeds when asked."""
     prompts, negatives = list(options.prompts), list(options.negative_prompts)
     n = len(prompts)
+    embeds = "text_embeds" if options.clip_score else None
     if options.mode == "standard":
-        states = _clip(backend, tokenizer, negatives + prompts, options.long_prompt)["last_hidden_state"]
-        return states[:n], states[n:]
+        out = _clip(backend, tokenizer, negatives + prompts, options.long_prompt)
+        states = out["last_hidden_state"]
+        return PromptStates(states[:n], states[n:], None if embeds is None else out[embeds][n:])
     if options.mode == "deproject":
         out = _clip(backend, tokenizer, negatives + prompts, "truncate")
         pooled = out["pooled"][n:]  # (P, D)
+        text_embeds = None if embeds is None else out[embeds][n:]
     else:
         pieces = [parse_prompt(p) for p in prompts]
         texts = negatives + [""] + [text for prompt_pieces in pieces for text, _ in prompt_pieces]
@@ -48,5 +62,6 @@ def prompt_states(
             )
             start = stop
         pooled = np.stack(rows)
+        text_embeds = None if embeds is None else _clip(backend, tokenizer, prompts, "truncate")[embeds]
     cond = backend.run("deprojector", {"pooled": pooled.astype(np.float32)})["hidden_states"]
-    return out["last_hidden_state"][:n], cond
+    return PromptStates(out["last_hidden_state"][:n], cond, text_embeds)

@@ -18,6 +18,7 @@ from runtime.backends import BACKENDS, PRECISIONS, BackendConfig
 from runtime.bundle import VERIFY_MODES, Bundle
 from runtime.cli import positive_int, report, size_argument
 from runtime.errors import EXIT_SETUP, RequestError, SetupError
+from runtime.guidance import CFG_CONVENTIONS
 from runtime.image import IMAGE_FORMATS, check_writable, infotext, save_image
 from runtime.init_image import RESIZE_MODES, read_image_file
 from runtime.options import (
@@ -69,7 +70,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "full (hash every run), off",
     )
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (>= 0)")
+    p.add_argument(
+        "--cfg-convention",
+        choices=CFG_CONVENTIONS,
+        default="1-based",
+        help="how --guidance is written: 1-based eps_u + s(eps_c - eps_u) (diffusers, A1111), or "
+        "0-based eps_c + s(eps_c - eps_u), the same guidance as 1-based s + 1",
+    )
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="image i of a run uses seed + i")
     p.add_argument(
         "--size", type=size_argument, default=None, help="WIDTHxHEIGHT in pixels (default: the bundle's)"
@@ -134,6 +142,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fitting an init image of another size: stretch, crop to fill, or fit and pad with its edges",
     )
     p.add_argument(
+        "--clip-score",
+        action="store_true",
+        help="score each image against its prompt (100 x cosine of CLIP's image and text embeddings, "
+        "0-100): logged and written to the image's parameters; needs a bundle with CLIP's image tower",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=Path("out/image.png"),
@@ -185,17 +199,20 @@ def main(argv: list[str] | None = None) -> int:
         model = bundle.root.name
         for k, (image, path) in enumerate(zip(result.images, paths, strict=True)):
             save_image(image, path, infotext(result, k, config.backend, pipeline.backend.precision, model))
-            log.info("wrote %s", path)
+            if result.clip_scores is None:
+                log.info("wrote %s", path)
+            else:
+                log.info("wrote %s (CLIP score %.2f)", path, result.clip_scores[k])
     except (RequestError, SetupError) as exc:
         return report(log, exc)
     except OSError as exc:  # the disk filled up or the folder vanished while generating
         log.error("error: cannot write the image: %s", exc)
         return EXIT_SETUP
     timings = {"load": load_s, **result.timings}
-    log.info("%-8s %8s", "stage", "seconds")
+    log.info("%-10s %8s", "stage", "seconds")
     for stage, seconds in timings.items():
-        log.info("%-8s %8.3f", stage, seconds)
-    log.info("%-8s %8.3f", "total", sum(timings.values()))
+        log.info("%-10s %8.3f", stage, seconds)
+    log.info("%-10s %8.3f", "total", sum(timings.values()))
     return 0
 
 

@@ -47,6 +47,8 @@ def infotext(result: Result, index: int, backend: str, precision: str, model: st
     }
     if o.mode == "compose":
         settings.update({"Compose": o.compose_mode, "Normalize": o.normalize})
+    if o.cfg_convention != "1-based":  # A1111's CFG scale is 1-based: say when it is not
+        settings["CFG convention"] = o.cfg_convention
     if o.cache_interval > 1:  # only when on: exact images keep their text unchanged
         settings["Cache interval"] = o.cache_interval
     if o.strength is not None:  # img2img / inpainting, in A1111's words where it has them
@@ -54,6 +56,8 @@ def infotext(result: Result, index: int, backend: str, precision: str, model: st
         settings["Resize mode"] = o.resize_mode
     if o.mask is not None:
         settings.update({"Mask blur": o.mask_blur, "Mask mode": o.mask_mode})
+    if result.clip_scores is not None:  # asked for: an image without it keeps its text unchanged
+        settings["CLIP score"] = f"{result.clip_scores[index]:.2f}"
     return parameters_text(o.prompts[prompt_index], o.negative_prompts[prompt_index], settings)
 
 

@@ -13,6 +13,8 @@
                     "pad_id": 49407, "files": {"vocab.json": "<sha256>", ...}},
       "deprojector": null | {"variant": "v3", "checkpoint": "...", "input": "pooled",
                              "dir": "deprojector_checkpoint", "files": {...}},
+      "vision": {"image_size": 224, "mean": [...], "std": [...], "source": "safety_checker"},  # optional,
+                                                              # with models.clip_vision (CLIP score)
       "models": {
         "clip" | "deprojector" | "unet" | "vae_encoder" | "vae_decoder"
         | "unet_deepcache_full" | "unet_deepcache_shallow": {      # the last two: export --deepcache
@@ -52,11 +54,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from runtime.errors import SetupError
-from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, ModelSpec, TensorSpec
+from runtime.specs import CLIP_VISION, DEEPCACHE_FULL, DEEPCACHE_SHALLOW, ModelSpec, TensorSpec
 
 FORMAT = "sdrt-bundle"
 FORMAT_VERSION = 2
-MODEL_NAMES = ("clip", "deprojector", "unet", "vae_encoder", "vae_decoder", DEEPCACHE_FULL, DEEPCACHE_SHALLOW)
+MODEL_NAMES = (
+    "clip", "deprojector", "unet", "vae_encoder", "vae_decoder", DEEPCACHE_FULL, DEEPCACHE_SHALLOW,
+    CLIP_VISION,
+)  # fmt: skip
 REQUIRED_MODELS = ("clip", "unet", "vae_decoder")
 OPTIONAL_MODELS = tuple(name for name in MODEL_NAMES if name not in REQUIRED_MODELS)
 FILE_SETS = ("fp32", "fp16", "int8")  # int8: OpenVINO IR (export --int8), UNets and optionally the VAE
@@ -304,6 +309,37 @@ class DeprojectorManifest:
 
 
 @dataclass(frozen=True)
+class VisionManifest:
+    """How `clip_vision` wants its pixels (CLIPImageProcessor's rule): the shortest side resized to
+    `image_size` (bicubic), the centre `image_size` square cut out, scaled to [0, 1], then
+    normalized by `mean`/`std` per channel; and where the tower came from."""
+
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    source: str  # "preset", "image_encoder" (CLIPVisionModelWithProjection) or "safety_checker"
+
+    @classmethod
+    def from_json(cls, f: _Fields) -> VisionManifest:
+        def triple(key: str) -> tuple[float, float, float]:
+            values = f.get(key, list)
+            if len(values) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+            ):
+                raise ManifestError(f"manifest.json: {f._where(key)} must be 3 numbers; got {values!r:.80}")
+            return (float(values[0]), float(values[1]), float(values[2]))
+
+        std = triple("std")
+        if min(std) <= 0:
+            raise ManifestError(f"manifest.json: {f._where('std')} must be positive; got {list(std)}")
+        return cls(f.integer("image_size", 1), triple("mean"), std, f.text("source"))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std),
+                "source": self.source}  # fmt: skip
+
+
+@dataclass(frozen=True)
 class Manifest:
     hidden_size: int
     projection_dim: int | None
@@ -320,6 +356,7 @@ class Manifest:
     packages: Mapping[str, str | None] = field(default_factory=dict)  # informational: who exported it
     warnings: tuple[str, ...] = ()
     export: Mapping[str, Any] = field(default_factory=dict)  # the exporter's record (fingerprint, stages)
+    vision: VisionManifest | None = None  # set exactly when models has clip_vision
 
     @classmethod
     def from_json(cls, data: object) -> Manifest:
@@ -340,6 +377,15 @@ class Manifest:
                 f"{', '.join(OPTIONAL_MODELS)}); unknown {unknown or 'none'}, missing {missing or 'none'}"
             )
         deprojector = f.get("deprojector", dict, optional=True)
+        vision = (
+            None
+            if f.get("vision", dict, optional=True) is None
+            else VisionManifest.from_json(f.sub("vision"))
+        )
+        if (vision is None) != (CLIP_VISION not in models):
+            raise ManifestError(
+                f"manifest.json: vision and models.{CLIP_VISION} must be given together: {REEXPORT}"
+            )
         return cls(
             hidden_size=f.integer("hidden_size", 1),
             projection_dim=f.get("projection_dim", int, optional=True),
@@ -356,6 +402,7 @@ class Manifest:
             packages=dict(f.get("packages", dict, optional=True) or {}),
             warnings=tuple(f.get("warnings", list, optional=True) or ()),
             export=dict(f.get("export", dict, optional=True) or {}),
+            vision=vision,
         )
 
     @classmethod
@@ -385,6 +432,7 @@ class Manifest:
             "models": {name: m.to_json() for name, m in self.models.items()},
             "warnings": list(self.warnings),
             "export": dict(self.export),
+            **({} if self.vision is None else {"vision": self.vision.to_json()}),
         }
 
     def dumps(self) -> str:

@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 
 from runtime.bundle import Bundle
+from runtime.clip_score import check_bundle as check_clip_score
 from runtime.compose import parse_prompt
 from runtime.errors import RequestError
+from runtime.guidance import CFG_CONVENTIONS, one_based
 from runtime.init_image import RESIZE_MODES, check_array, default_size, fit, prepare_mask
 from runtime.schedulers import SCHEDULERS, make_scheduler
 from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, INPAINT_CHANNELS
@@ -36,7 +38,7 @@ class GenerateOptions:
     prompts: tuple[str, ...]
     negative_prompts: tuple[str, ...] = ()  # empty: "" for every prompt; one: shared; else one per prompt
     steps: int = 25
-    guidance: float = 7.5
+    guidance: float = 7.5  # in `cfg_convention`
     seed: int = DEFAULT_SEED
     height: int | None = None  # None: the bundle's preferred size
     width: int | None = None
@@ -56,6 +58,8 @@ class GenerateOptions:
     mask_blur: int = 0  # Gaussian blur radius of the mask in pixels, before it is binarized
     mask_mode: str = "auto"
     resize_mode: str = "just_resize"  # how an init image of another size is fitted
+    clip_score: bool = False  # score each image against its prompt (runtime/clip_score.py)
+    cfg_convention: str = "1-based"  # how `guidance` is written (runtime/guidance.py)
 
     @property
     def total_images(self) -> int:
@@ -89,10 +93,17 @@ class ResolvedOptions:
     mask_blur: int = 0
     mask_mode: str | None = None  # "unet" or "blend" exactly when mask is set
     resize_mode: str = "just_resize"
+    clip_score: bool = False  # checked: the bundle has clip_vision and clip's text_embeds
+    cfg_convention: str = "1-based"  # of `guidance`, which stays as given (the infotext shows it)
 
     @property
     def total_images(self) -> int:
         return len(self.prompts) * self.num_images
+
+    @property
+    def cfg_scale(self) -> float:
+        """The 1-based guidance scale the loop runs: eps_u + cfg_scale · (eps_c - eps_u)."""
+        return one_based(self.guidance, self.cfg_convention)
 
     @property
     def seeds(self) -> list[int]:
@@ -252,6 +263,11 @@ def validate(options: GenerateOptions | ResolvedOptions, bundle: Bundle) -> Reso
             f"{bundle.root} has none: re-export it with `python -m export ... --deepcache`, "
             "or use cache_interval 1"
         )
+    _choice("cfg_convention", o.cfg_convention, CFG_CONVENTIONS)
+    if not isinstance(o.clip_score, bool):
+        raise RequestError(f"clip_score must be true or false; got {o.clip_score!r:.40}")
+    if o.clip_score:
+        check_clip_score(bundle)
     image_fields = _image_fields(o, bundle, init_image, width, height)
     if o.latents is not None:
         expected = (o.total_images, bundle.latent_channels, height // factor, width // factor)
@@ -262,7 +278,8 @@ def validate(options: GenerateOptions | ResolvedOptions, bundle: Bundle) -> Reso
         prompts=tuple(o.prompts), negative_prompts=negatives, steps=o.steps, guidance=float(o.guidance),
         seed=o.seed, height=height, width=width, scheduler=o.scheduler, mode=o.mode,
         compose_mode=o.compose_mode, normalize=o.normalize, num_images=o.num_images,
-        long_prompt=o.long_prompt, latents=o.latents, cache_interval=o.cache_interval, **image_fields,
+        long_prompt=o.long_prompt, latents=o.latents, cache_interval=o.cache_interval,
+        clip_score=o.clip_score, cfg_convention=o.cfg_convention, **image_fields,
     )  # fmt: skip
 
 

@@ -1,6 +1,6 @@
 """Wire the stages in data-flow order: prompt -> tokens -> CLIP -> (compose -> deproject)
 -> start latents (noise, or init image -> VAE encoder -> noised) -> UNet loop with CFG -> VAE
-decoder -> images. No torch; the backend does the model math."""
+decoder -> images (-> CLIP score, when asked). No torch; the backend does the model math."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import numpy as np
 from runtime import start_latents
 from runtime.backends import Backend, BackendConfig, open_backend
 from runtime.bundle import Bundle
+from runtime.clip_score import clip_scores
 from runtime.conditioning import prompt_states
 from runtime.denoise import denoise, unet_models
 from runtime.guidance import uses_uncond
 from runtime.options import GenerateOptions, ResolvedOptions, validate
 from runtime.schedulers import make_scheduler
 from runtime.schedulers.base import Scheduler
-from runtime.specs import INPAINT_CHANNELS
+from runtime.specs import CLIP_VISION, INPAINT_CHANNELS
 from runtime.start_latents import Start, begin_index
 from runtime.tokenizer import ClipTokenizer
 from runtime.vae import decode
@@ -38,6 +39,8 @@ class Result:
     seeds: list[int]  # per image: seed + index, so image i alone reproduces with that seed
     options: ResolvedOptions
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    # per image, with options.clip_score: 100 * max(cos(image, prompt), 0) (runtime/clip_score.py)
+    clip_scores: list[float] | None = None
 
 
 class Pipeline:
@@ -63,7 +66,8 @@ class Pipeline:
         """The bundle models a generation runs, in the order it first needs them."""
         text = ["clip"] if options.mode == "standard" else ["clip", "deprojector"]
         encoder = [] if options.init_image is None else ["vae_encoder"]
-        return [*text, *encoder, *unet_models(options.cache_interval), "vae_decoder"]
+        score = [CLIP_VISION] if options.clip_score else []
+        return [*text, *encoder, *unet_models(options.cache_interval), "vae_decoder", *score]
 
     def _scheduler(self, o: ResolvedOptions) -> tuple[Scheduler, np.ndarray]:
         scheduler = make_scheduler(o.scheduler, self.bundle.scheduler_config)
@@ -79,8 +83,8 @@ class Pipeline:
         self.backend.prepare(self.models_for(o))
         timings: dict[str, float] = {}
         clock = time.perf_counter()
-        uncond, cond = prompt_states(self.backend, self.tokenizer, o)  # (P, 77·k, D) each
-        uncond, cond = (np.repeat(s, o.num_images, axis=0) for s in (uncond, cond))  # (N, 77·k, D)
+        prompts = prompt_states(self.backend, self.tokenizer, o)  # (P, 77·k, D) each
+        uncond, cond = (np.repeat(s, o.num_images, axis=0) for s in (prompts.uncond, prompts.cond))
         timings["text"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -92,7 +96,7 @@ class Pipeline:
         if o.init_image is not None:
             timings["encode"] = time.perf_counter() - clock
         per_call = max(
-            1, self.bundle.models["unet"].dims["batch"].max // (2 if uses_uncond(o.guidance) else 1)
+            1, self.bundle.models["unet"].dims["batch"].max // (2 if uses_uncond(o.cfg_scale) else 1)
         )
 
         clock = time.perf_counter()
@@ -107,7 +111,15 @@ class Pipeline:
         clock = time.perf_counter()
         images = decode(self.backend, np.concatenate(finished))
         timings["decode"] = time.perf_counter() - clock
-        return Result(images, o.seeds, o, timings)
+        scores = None
+        if o.clip_score:
+            clock = time.perf_counter()
+            vision = self.bundle.manifest.vision
+            assert vision is not None and prompts.text_embeds is not None, "validate checked the bundle"
+            text = np.repeat(prompts.text_embeds, o.num_images, axis=0)  # (N, P), prompt-major
+            scores = clip_scores(self.backend, vision, images, text)
+            timings["clip_score"] = time.perf_counter() - clock
+        return Result(images, o.seeds, o, timings, scores)
 
     def _denoise(
         self,
@@ -122,7 +134,7 @@ class Pipeline:
         scheduler, timesteps = self._scheduler(o)
         if start.begin:
             scheduler.set_begin_index(start.begin)
-        states = np.concatenate([uncond, cond]) if uses_uncond(o.guidance) else cond
+        states = np.concatenate([uncond, cond]) if uses_uncond(o.cfg_scale) else cond
         shape = start.latents.shape[1:]
 
         def noise() -> np.ndarray:
@@ -135,7 +147,7 @@ class Pipeline:
             timesteps,
             start,
             states,
-            o.guidance,
+            o.cfg_scale,
             noise if scheduler.stochastic else None,
             o.cache_interval,
         )

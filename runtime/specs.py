@@ -118,3 +118,16 @@ def vae_encoder_spec() -> ModelSpec:
         (TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width")),),
         (TensorSpec("latent_mean", "float32", latent), TensorSpec("latent_std", "float32", latent)),
     )
+
+
+CLIP_VISION = "clip_vision"
+
+
+def clip_vision_spec(image_size: int, projection: int) -> ModelSpec:
+    """CLIP's image tower with its `visual_projection`: preprocessed pixels (CLIP mean/std, square,
+    `image_size`) -> image_embeds, comparable with the text tower's `text_embeds` (CLIP score)."""
+    return ModelSpec(
+        CLIP_VISION,
+        (TensorSpec("pixel_values", "float32", ("batch", 3, image_size, image_size)),),
+        (TensorSpec("image_embeds", "float32", ("batch", projection)),),
+    )

@@ -1,6 +1,6 @@
 """A torch-free bundle for runtime unit tests: tiny hand-built ONNX graphs behind a real manifest.
 
-The graphs honour the four models' I/O contracts (runtime.specs) with a few cheap ops each, so a
+The graphs honour the models' I/O contracts (runtime.specs) with a few cheap ops each, so a
 bundle is written in well under a second and ONNX Runtime runs a whole generation in
 milliseconds. The manifest is written through runtime.manifest's classes, the same as the
 exporter's, so a fake bundle passes `Bundle.open` exactly as an exported one does. The outputs
@@ -26,6 +26,7 @@ from runtime.manifest import (
     Manifest,
     ModelManifest,
     TokenizerManifest,
+    VisionManifest,
 )
 from runtime.schedulers import SD15_SCHEDULER
 from runtime.specs import (
@@ -35,6 +36,7 @@ from runtime.specs import (
     VAE_SCALE_FACTOR,
     ModelSpec,
     clip_spec,
+    clip_vision_spec,
     deprojector_spec,
     unet_spec,
     vae_decoder_spec,
@@ -43,6 +45,11 @@ from runtime.specs import (
 
 HIDDEN = 32
 PROJECTION = 16
+VISION_SIZE = 24  # clip_vision's square input: smaller than every image, so preprocessing shrinks
+VISION_POOL = 4  # its average pooling window
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's, as CLIPImageProcessor has them
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+VISION = VisionManifest(VISION_SIZE, CLIP_MEAN, CLIP_STD, "fake")
 OPSET = 18
 WORDS = ("a", "cat", "maid", "dog", "photo", "of", "red", "blue", "hat", "in", "the", "garden")
 BOS_ID, EOS_ID = len(WORDS) + 1, len(WORDS) + 2  # 0 is <unk>
@@ -58,6 +65,7 @@ SPECS = {
     "unet": unet_spec(HIDDEN),
     "vae_decoder": vae_decoder_spec(),
     "vae_encoder": vae_encoder_spec(),
+    "clip_vision": clip_vision_spec(VISION_SIZE, PROJECTION),
 }
 PIXEL_DIMS = {
     f"image_{side}": DimRange(*(v * VAE_SCALE_FACTOR for v in (r.min, r.opt, r.max)))
@@ -102,6 +110,24 @@ def clip_graph(rng: np.random.Generator) -> onnx.ModelProto:
             "projection": rng.standard_normal((HIDDEN, PROJECTION)).astype(np.float32) / HIDDEN**0.5,
         },
     )
+
+
+def _without_text_embeds(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The clip graph of a bundle that does not know CLIP's text projection: no text_embeds."""
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    graph = stripped.graph
+    kept = [node for node in graph.node if "text_embeds" not in node.output]
+    del graph.node[:]
+    graph.node.extend(kept)
+    outputs = [o for o in graph.output if o.name != "text_embeds"]
+    del graph.output[:]
+    graph.output.extend(outputs)
+    initializers = [i for i in graph.initializer if i.name != "projection"]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    onnx.checker.check_model(stripped)
+    return stripped
 
 
 def deprojector_graph(rng: np.random.Generator) -> onnx.ModelProto:
@@ -199,6 +225,27 @@ def vae_decoder_graph(rng: np.random.Generator) -> onnx.ModelProto:
     )
 
 
+def clip_vision_graph(rng: np.random.Generator) -> onnx.ModelProto:
+    """4x4 average pooling, flattened, projected to PROJECTION: image_embeds depend on every pixel."""
+    n = helper.make_node
+    features = 3 * (VISION_SIZE // VISION_POOL) ** 2
+    return _model(
+        SPECS["clip_vision"],
+        [
+            n(
+                "AveragePool",
+                ["pixel_values"],
+                ["pooled"],
+                kernel_shape=[VISION_POOL] * 2,
+                strides=[VISION_POOL] * 2,
+            ),
+            n("Flatten", ["pooled"], ["flat"], axis=1),
+            n("MatMul", ["flat", "projection"], ["image_embeds"]),
+        ],
+        {"projection": rng.standard_normal((features, PROJECTION)).astype(np.float32) / features**0.5},
+    )
+
+
 def _write_tokenizer(folder: Path) -> dict[str, str]:
     vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
     vocab.update({"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID})
@@ -216,10 +263,17 @@ def _entry(root: Path, name: str, model: onnx.ModelProto) -> FileEntry:
 
 
 def write_fake_bundle(
-    root: Path, seed: int = 0, deprojector: bool = True, encoder: bool = True, inpaint: bool = False
+    root: Path,
+    seed: int = 0,
+    deprojector: bool = True,
+    encoder: bool = True,
+    inpaint: bool = False,
+    vision: bool = True,
+    projection: bool = True,
 ) -> Path:
     """A complete bundle in `root` (created): fp32 and fp16 file sets (the same graphs), a tokenizer.
-    `encoder`: with the VAE encoder (img2img); `inpaint`: an inpainting (9-channel) UNet."""
+    `encoder`: with the VAE encoder (img2img); `inpaint`: an inpainting (9-channel) UNet; `vision`:
+    with CLIP's image tower (clip_vision, for CLIP scores); `projection`: clip has text_embeds."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True)
     graphs = {
@@ -231,10 +285,15 @@ def write_fake_bundle(
         graphs["vae_encoder"] = (vae_encoder_graph(rng), {"batch": BATCH, **PIXEL_DIMS})
     if deprojector:
         graphs["deprojector"] = (deprojector_graph(rng), {"batch": BATCH})
+    if vision:  # drawn last: the other graphs' weights stay those of a bundle without it
+        graphs["clip_vision"] = (clip_vision_graph(rng), {"batch": BATCH})
+    if not projection:
+        graphs["clip"] = (_without_text_embeds(graphs["clip"][0]), graphs["clip"][1])
     entries: dict[str, ModelManifest] = {}
     for name, (graph, dims) in graphs.items():
         files = {"fp32": _entry(root, name, graph), "fp16": _entry(root, f"{name}.fp16", graph)}
         spec = unet_spec(HIDDEN, INPAINT_CHANNELS) if name == "unet" and inpaint else SPECS[name]
+        spec = clip_spec(HIDDEN, None) if name == "clip" and not projection else spec
         entries[name] = ModelManifest(spec=spec, dims=dims, opset=OPSET, files=files)
     checkpoint = None
     if deprojector:
@@ -246,7 +305,7 @@ def write_fake_bundle(
         )
     manifest = Manifest(
         hidden_size=HIDDEN,
-        projection_dim=PROJECTION,
+        projection_dim=PROJECTION if projection else None,
         latent_channels=LATENT_CHANNELS,
         vae_scale_factor=VAE_SCALE_FACTOR,
         vae_scaling=0.18215,
@@ -259,6 +318,7 @@ def write_fake_bundle(
         deprojector=checkpoint,
         models=entries,
         source={"kind": "fake", "seed": seed},
+        vision=VISION if vision else None,
     )
     (root / "manifest.json").write_text(manifest.dumps())
     return root

@@ -67,8 +67,11 @@ def test_report_is_written_and_passes(compared):
         assert (out / name).is_file(), name
     markdown = (out / "report.md").read_text()
     assert "Result: **PASS**" in markdown and "random weights" in markdown
-    assert report["accuracy"]["end_to_end"]["clip_score"] == {"status": "n/a (no vision tower)"}
-    assert "n/a (no vision tower)" in markdown
+    clip = report["accuracy"]["end_to_end"][
+        "clip_score"
+    ]  # the preset's random towers: a number, not a verdict
+    assert clip["source"] == "preset" and 0 <= clip["pytorch"] <= 100 and abs(clip["difference"]) < 0.5
+    assert f"PyTorch {clip['pytorch']:.2f}, runtime {clip['runtime']:.2f} (preset)" in markdown
     assert report["memory"]["runtime_imported_torch"] is False
     dep = report["accuracy"]["components"]["deprojector"]["hidden_states"]
     assert len(dep["per_position_cosine"]) == len(dep["per_position_max_abs"]) == 77
@@ -332,30 +335,25 @@ def test_settings_json_round_trip(tmp_path):
     assert Settings.from_json(legacy).workload == "text-to-image"
 
 
-def test_clip_score_uses_a_vision_tower_when_there_is_one(tmp_path):
-    """The CLIP-score path on a tiny random vision tower: 100 x cosine of image and text embeddings."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+def test_clip_score_uses_the_models_vision_tower(tmp_path):
+    """The compare tool's PyTorch CLIP score: the preset's own (random) tower on the runtime's
+    preprocessing, 100 x max(cos, 0) of image and text embeddings, computed here independently."""
+    from export.compare.torch_ref import clip_scores
+    from export.models import build_preset
 
-    from export.compare.torch_ref import clip_pixels, clip_scores, vision_tower
-
-    config = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=16,
-    )
-    CLIPVisionModelWithProjection(config).eval().save_pretrained(tmp_path / "image_encoder")
-    embed, size, source = vision_tower(str(tmp_path))
-    assert embed is not None and size == 32 and source == "image_encoder/"
+    vision = build_preset("tiny", cache_dir=tmp_path).vision
+    assert vision is not None
     images = [np.random.default_rng(i).integers(0, 256, (48, 64, 3), dtype=np.uint8) for i in range(2)]
-    text = torch.randn(1, 16, generator=torch.Generator().manual_seed(0))
-    scores = clip_scores(embed, size, images, text)
+    text = torch.randn(1, vision.projection_dim, generator=torch.Generator().manual_seed(0))
+    got = clip_scores(vision, images, text)
+    resized = [Image.fromarray(x).resize((42, 32), Image.Resampling.BICUBIC) for x in images]  # short side 32
+    crops = np.stack([np.asarray(r)[:, 5:37] for r in resized]) / 255.0
+    pixels = (crops - np.array(vision.mean)) / np.array(vision.std)
     with torch.no_grad():
-        image_embeds = embed(clip_pixels(images, size))
-    want = 100 * torch.nn.functional.cosine_similarity(image_embeds.double(), text.double(), dim=-1)
-    assert clip_pixels(images, size).shape == (2, 3, 32, 32)
-    assert scores == pytest.approx(want.tolist())
-    assert vision_tower(str(tmp_path / "missing"))[2] == "n/a (no vision tower)"
+        embeds = vision.visual_projection(
+            vision.vision_model(
+                pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2)).float()
+            ).pooler_output
+        )
+    cosine = torch.nn.functional.cosine_similarity(embeds.double(), text.double(), dim=-1)
+    assert got == pytest.approx((100 * cosine.clamp(min=0)).tolist(), abs=1e-4)

@@ -54,7 +54,7 @@ from runtime.errors import RequestError, SetupError
 from runtime.files import sha256_file, write_atomic
 from runtime.manifest import DeprojectorManifest, FileEntry, Manifest, ModelManifest, TokenizerManifest
 from runtime.schedulers import SD15_SCHEDULER
-from runtime.specs import clip_spec, deprojector_spec, unet_spec, vae_decoder_spec
+from runtime.specs import clip_spec, deprojector_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
 
 ENV = GpuEnvironment("10.16.1.11", "cu13", "13.0", "13.1", "NVIDIA H100 80GB HBM3", "9.0")
 BATCH = DimRange(1, 2, 8)
@@ -75,12 +75,15 @@ def bundle(tmp_path: Path) -> Bundle:
         "deprojector": deprojector_spec(64),
         "unet": unet_spec(64),
         "vae_decoder": vae_decoder_spec(),
+        "vae_encoder": vae_encoder_spec(),
     }
+    pixels = DimRange(LATENT.min * 8, LATENT.opt * 8, LATENT.max * 8)
     dims = {
         "clip": {"batch": BATCH, "tokens": TOKENS},
         "deprojector": {"batch": BATCH},
         "unet": {"batch": BATCH, "height": LATENT, "width": LATENT, "tokens": TOKENS},
         "vae_decoder": {"batch": replace(BATCH, opt=1), "height": LATENT, "width": LATENT},
+        "vae_encoder": {"batch": replace(BATCH, opt=1), "image_height": pixels, "image_width": pixels},
     }
     models = {}
     for name, spec in specs.items():
@@ -182,6 +185,24 @@ def test_shapes_batch_and_dynamic_profiles(bundle):
     assert len(model_profiles(bundle, "clip", request)) == 1
     assert profile_label((static_a, static_b, ranged), 8) == "b1-4.512x512+768x512+dyn256-1024"
     assert profile_label(model_profiles(bundle, "clip", ProfileRequest(batch=(2, 2))), 8) == "b2"
+
+
+def test_vae_encoder_profiles_are_in_pixels(bundle):
+    """Its input is the image: the same --shapes and --dynamic, applied to pixel dims."""
+    (default,) = model_profiles(bundle, "vae_encoder", ProfileRequest())
+    assert default["image_height"] == default["image_width"] == DimRange(512, 512, 512)
+    request = ProfileRequest(shapes=((768, 512),), dynamic=(256, 1024))
+    static, ranged = model_profiles(bundle, "vae_encoder", request)
+    assert (static["image_width"], static["image_height"]) == (
+        DimRange(768, 768, 768),
+        DimRange(512, 512, 512),
+    )
+    assert ranged["image_height"] == DimRange(256, 512, 1024)
+    assert profile_label((static, ranged), 8) == "b1-8.768x512+dyn256-1024"
+    with pytest.raises(ValueError, match="multiple of 8"):
+        model_profiles(bundle, "vae_encoder", ProfileRequest(shapes=((500, 512),)))
+    args = profile_arguments({"batch": 1, "image_height": 512, "image_width": 640}, (static,), 8)
+    assert args == ["--shapes", "640x512"]
 
 
 @pytest.mark.parametrize(
@@ -389,34 +410,35 @@ def test_plan_jobs_builds_what_is_missing_or_stale(bundle, tmp_path):
         "deprojector.b1-8",
         "unet.b1-8.512x512",
         "vae_decoder.b1-8.512x512",
+        "vae_encoder.b1-8.512x512",
     ]
     assert {j.reason for j in jobs} == {"new"} and not current
     assert jobs[0].onnx.name.endswith(".fp16.onnx")
 
     entries = _built(bundle, tmp_path)
     jobs, current = plan_jobs(bundle, ProfileRequest(), settings, ENV, entries, tmp_path, rebuild_stale=False)
-    assert not jobs and len(current) == 4
+    assert not jobs and len(current) == 5
 
     upgraded = replace(ENV, tensorrt="11.4.0")
     jobs, _ = plan_jobs(bundle, ProfileRequest(), settings, upgraded, entries, tmp_path, rebuild_stale=False)
     assert {j.reason for j in jobs} == {"built with TensorRT 10.16.1.11, this process has 11.4.0"}
     other_variant = replace(ENV, tensorrt_cuda="cu12")
     jobs, _ = plan_jobs(bundle, ProfileRequest(), settings, other_variant, entries, tmp_path, False)
-    assert len(jobs) == 4 and all("its cu12 build" in j.reason for j in jobs)
+    assert len(jobs) == 5 and all("its cu12 build" in j.reason for j in jobs)
 
     # whatever the backend would refuse is rebuilt, even if the recorded key was left as it was
     moved = {n: replace(e, environment=replace(ENV, compute_capability="8.0")) for n, e in entries.items()}
     jobs, _ = plan_jobs(bundle, ProfileRequest(), settings, ENV, moved, tmp_path, rebuild_stale=False)
-    assert len(jobs) == 4 and all("compute capability 8.0" in j.reason for j in jobs)
+    assert len(jobs) == 5 and all("compute capability 8.0" in j.reason for j in jobs)
 
 
 def test_rebuild_stale_alone_rebuilds_only_stale_engines_with_their_own_profiles(bundle, tmp_path):
     entries = _built(bundle, tmp_path) | _built(bundle, tmp_path, shapes=((768, 768),))
-    assert len(entries) == 6  # clip and deprojector engines are shared by both requests
+    assert len(entries) == 8  # clip and deprojector engines are shared by both requests
     (tmp_path / "unet.b1-8.768x768.plan").write_bytes(b"bit rot")
     jobs, current = plan_jobs(bundle, None, {}, ENV, entries, tmp_path, rebuild_stale=True)
     assert [(j.name, j.reason) for j in jobs] == [("unet.b1-8.768x768", "plan file corrupt")]
-    assert jobs[0].profiles == entries["unet.b1-8.768x768"].profiles and len(current) == 5
+    assert jobs[0].profiles == entries["unet.b1-8.768x768"].profiles and len(current) == 7
 
 
 def test_rebuild_stale_rebuilds_plans_this_tensorrt_cannot_load(bundle, tmp_path):
@@ -433,7 +455,7 @@ def test_rebuild_stale_rebuilds_plans_this_tensorrt_cannot_load(bundle, tmp_path
     assert [(j.name, j.reason) for j in jobs] == [
         ("unet.b1-8.512x512", "TensorRT cannot deserialize its plan")
     ]
-    assert jobs[0].profiles == entries["unet.b1-8.512x512"].profiles and len(current) == 3
+    assert jobs[0].profiles == entries["unet.b1-8.512x512"].profiles and len(current) == 4
     assert sorted(asked) == sorted(e.plan for e in entries.values())
     (tmp_path / "clip.b1-8.plan").write_bytes(b"bit rot")  # known bad without asking TensorRT
     asked.clear()
@@ -445,7 +467,7 @@ def test_force_rebuilds_up_to_date_engines(bundle, tmp_path):
     entries = _built(bundle, tmp_path)
     settings = {"opt_level": None, "workspace_gb": None}
     jobs, current = plan_jobs(bundle, ProfileRequest(), settings, ENV, entries, tmp_path, False, force=True)
-    assert len(jobs) == 4 and {j.reason for j in jobs} == {"--force"} and not current
+    assert len(jobs) == 5 and {j.reason for j in jobs} == {"--force"} and not current
     jobs, _ = plan_jobs(bundle, None, settings, ENV, entries, tmp_path, rebuild_stale=True, force=True)
     assert sorted(j.name for j in jobs) == sorted(entries)  # --rebuild-stale --force: every engine
     args = parse_args(["b", "--rebuild-stale", "--force"])

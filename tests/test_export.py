@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +40,22 @@ from export.onnx_export import example_ids
 from runtime.bundle import Bundle
 from runtime.files import sha256_file
 from runtime.integrity import STAMP_NAME
-from runtime.manifest import FORMAT_VERSION, Manifest
-from runtime.specs import clip_spec, deprojector_spec, unet_spec, vae_decoder_spec, vae_encoder_spec
+from runtime.manifest import FORMAT_VERSION, DimRange, Manifest, VisionManifest
+from runtime.specs import (
+    CLIP_VISION,
+    clip_spec,
+    clip_vision_spec,
+    deprojector_spec,
+    unet_spec,
+    vae_decoder_spec,
+    vae_encoder_spec,
+)
 
 pytestmark = pytest.mark.integration  # exports with torch
 
 HIDDEN = 64  # tiny preset
+VISION_SIZE = 32  # the tiny preset's CLIP image tower: 32x32 pixels, embeds of the text projection's width
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 DEFAULT_MODELS = tuple(n for n in MODEL_NAMES if n not in DEEPCACHE_MODELS)  # export without --deepcache
 # What the runtime writes into a bundle it runs: backends' derived graphs, the integrity stamp.
 CACHES = (".ort_cache", ".ov_cache", STAMP_NAME)
@@ -85,6 +96,8 @@ def _inputs(name: str, case: tuple[int, ...], seed: int = 0) -> list[torch.Tenso
         return [torch.randn(case[0], HIDDEN, generator=gen)]
     if name == "vae_encoder":  # (batch, image height, image width) in pixels, values in [0, 1]
         return [torch.rand(*case[:1], 3, *case[1:], generator=gen)]
+    if name == CLIP_VISION:  # (batch,): CLIP-normalized pixels
+        return [torch.randn(case[0], 3, VISION_SIZE, VISION_SIZE, generator=gen)]
     batch, height, width, *rest = case
     latent = torch.randn(batch, 4, height, width, generator=gen)
     if name == "vae_decoder":
@@ -114,8 +127,8 @@ def _min_cosine(a: np.ndarray, b: np.ndarray, per_position: bool) -> float:
 
 
 # (model, case): clip (batch, tokens); deprojector (batch,); unet (batch, h, w, tokens, t);
-# vae_decoder (batch, h, w); vae_encoder (batch, H, W) in pixels. Batches 1-3, latents 16x16 and
-# 24x32, tokens 77 and 154.
+# vae_decoder (batch, h, w); vae_encoder (batch, H, W) in pixels; clip_vision (batch,). Batches 1-3,
+# latents 16x16 and 24x32, tokens 77 and 154.
 FP32_CASES = [
     ("clip", (1, 77)),
     ("clip", (2, 154)),
@@ -131,6 +144,8 @@ FP32_CASES = [
     ("vae_encoder", (1, 128, 128)),
     ("vae_encoder", (2, 192, 256)),
     ("vae_encoder", (3, 128, 128)),
+    (CLIP_VISION, (1,)),
+    (CLIP_VISION, (3,)),
 ]
 
 
@@ -183,6 +198,8 @@ FP16_CASES = [
     ("unet", (2, 8, 8, 154, 1)),
     ("vae_decoder", (1, 8, 8)),
     ("vae_encoder", (1, 64, 64)),
+    (CLIP_VISION, (1,)),
+    (CLIP_VISION, (3,)),
 ]
 
 
@@ -256,6 +273,7 @@ def test_manifest_describes_the_files(tiny_bundle: Path) -> None:
         "unet": unet_spec(HIDDEN),
         "vae_decoder": vae_decoder_spec(),
         "vae_encoder": vae_encoder_spec(),
+        CLIP_VISION: clip_vision_spec(VISION_SIZE, HIDDEN),
     }
     for name, entry in bundle.models.items():
         assert entry.spec.inputs == specs[name].inputs and entry.spec.outputs == specs[name].outputs
@@ -271,7 +289,8 @@ def test_manifest_describes_the_files(tiny_bundle: Path) -> None:
             assert [i.name for i in model.graph.input] == specs[name].input_names
             assert [o.name for o in model.graph.output] == specs[name].output_names
     # attention fused for ONNX Runtime where the pattern exists; CLIP's and the deprojector's
-    # causal attention (mask added before Softmax) is left alone
+    # causal attention (mask added before Softmax) is left alone, and so is CLIP's image tower's
+    # (transformers' layout: heads reshaped as -1, the weighted values' shape read back)
     expected_fused = {"unet": 8, "vae_decoder": 1, "vae_encoder": 1}  # tiny: 4 blocks x 2, VAE mid-blocks
     for name, entry in bundle.models.items():
         ort_files = manifest["models"][name].get("ort_files", {})
@@ -291,6 +310,18 @@ def test_manifest_describes_the_files(tiny_bundle: Path) -> None:
     unet = bundle.models["unet"].dims
     assert (unet["height"].min, unet["height"].opt, unet["height"].max) == (8, 16, 128)
     assert (unet["tokens"].min, unet["tokens"].opt, unet["tokens"].max) == (77, 77, 231)
+    assert bundle.models[CLIP_VISION].dims == {"batch": DimRange(1, 1, 8)}  # the image side is static
+    vision = {
+        "image_size": VISION_SIZE,
+        "mean": list(OPENAI_MEAN),
+        "std": list(OPENAI_STD),
+        "source": "preset",
+    }
+    assert manifest["vision"] == vision
+    assert bundle.manifest.vision == VisionManifest(VISION_SIZE, OPENAI_MEAN, OPENAI_STD, "preset")
+    stages = {s["name"] for s in manifest["export"]["stages"]}
+    assert {f"{verb} {CLIP_VISION}" for verb in ("trace", "clean", "fp16")} <= stages
+    assert {f"write {CLIP_VISION} {p}" for p in ("fp32", "fp16")} <= stages
     assert bundle.vae_scale_factor == 8 and bundle.hidden_size == HIDDEN
     assert manifest["projection_dim"] == HIDDEN and manifest["vae_scaling"] == pytest.approx(0.18215)
     assert manifest["source"] == {"kind": "preset", "preset": "tiny", "seed": 0, "projection": None}
@@ -450,6 +481,16 @@ def test_diffusers_folder_exports_like_the_preset(tiny_bundle: Path, tmp_path: P
     np.testing.assert_allclose(got[0], want[0], atol=1e-6)
     clip = _session(out / "clip.onnx").run(None, feeds)
     np.testing.assert_allclose(clip[1], _session(tiny_bundle / "clip.onnx").run(None, feeds)[1], atol=1e-6)
+    # the preset's image tower was saved to image_encoder/ (with its feature_extractor/) and came back
+    preset_vision = Bundle.open(tiny_bundle).manifest.vision
+    assert preset_vision is not None and bundle.manifest.vision == replace(
+        preset_vision, source="image_encoder"
+    )
+    pixels = {"pixel_values": _inputs(CLIP_VISION, (2,))[0].numpy()}
+    vision = _session(out / f"{CLIP_VISION}.onnx").run(None, pixels)[0]
+    np.testing.assert_allclose(
+        vision, _session(tiny_bundle / f"{CLIP_VISION}.onnx").run(None, pixels)[0], atol=1e-6
+    )
 
 
 def _tiny_graph() -> onnx.ModelProto:
@@ -555,9 +596,11 @@ def test_sd15_export_within_targets_and_matches_pytorch(tmp_path: Path) -> None:
     bundle = Bundle.open(out)
     assert bundle.models["unet"].files["fp32"].external_data == "unet.onnx.data"
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".data")) == [
+        "clip_vision.onnx.data",  # ViT-L/14: 1.2 GB of fp32 weights
         "unet.fp16.onnx.data",
         "unet.onnx.data",
     ]
+    assert bundle.manifest.vision is not None and bundle.manifest.vision.image_size == 224
     components = load_model("sd15")
     built = deprojector_module(components, None)
     assert built is not None
@@ -570,6 +613,7 @@ def test_sd15_export_within_targets_and_matches_pytorch(tmp_path: Path) -> None:
                  torch.randn(1, 77, hidden, generator=gen)],
         "vae_decoder": [torch.randn(1, 4, 8, 8, generator=gen)],
         "vae_encoder": [torch.rand(1, 3, 64, 64, generator=gen)],
+        CLIP_VISION: [torch.randn(1, 3, 224, 224, generator=gen)],  # ViT-L/14
     }  # fmt: skip
     wants = {name: _torch_outputs(torch_module(name, components, built[0]), x) for name, x in cases.items()}
     del components, built  # torch and an ORT UNet session together would need ~12 GB

@@ -162,3 +162,26 @@ def test_blend_keeps_the_unmasked_latents(pipeline):
     inside = mask[::8, ::8] > 0
     assert np.array_equal(a[:, ~inside], b[:, ~inside])
     assert np.abs(a - b)[:, inside].mean() > 1e-3
+
+
+def test_a_diffusers_inpainting_folder_exports_like_the_preset(tiny_inpaint_bundle, tmp_path):
+    """A local diffusers folder with an inpainting UNet (here: the tiny-inpaint weights saved as one)
+    exports to a 9-channel bundle that paints exactly what the preset's bundle paints."""
+    from export.build import ExportOptions, export_bundle
+    from export.models import save_diffusers_folder
+    from runtime.bundle import Bundle
+
+    folder = save_diffusers_folder(
+        build_preset("tiny-inpaint", cache_dir=tmp_path / "cache"), tmp_path / "sd"
+    )
+    out = tmp_path / "bundle"
+    export_bundle(ExportOptions(model=str(folder), out=out, precision="fp32", deprojector="none"))
+    assert Bundle.open(out).unet_in_channels == 9
+    options = GenerateOptions(
+        prompts=("a cat",), steps=3, seed=SEED, scheduler="ddim", init_image=_init_image(), mask=_mask()
+    )
+    ours, preset = (
+        Pipeline(out).generate(options).images,
+        Pipeline(tiny_inpaint_bundle).generate(options).images,
+    )
+    assert np.array_equal(ours, preset)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -16,8 +18,12 @@ def _params(module: torch.nn.Module) -> int:
 
 def test_same_seed_gives_bit_identical_weights(tmp_path):
     a, b = build_preset("tiny", seed=3, cache_dir=tmp_path), build_preset("tiny", seed=3, cache_dir=tmp_path)
-    for name in ("text_encoder", "unet", "vae"):
-        sa, sb = getattr(a, name).state_dict(), getattr(b, name).state_dict()
+    assert a.vision is not None and b.vision is not None
+    for name, ma, mb in (
+        *((n, getattr(a, n), getattr(b, n)) for n in ("text_encoder", "unet", "vae")),
+        ("vision", a.vision.module, b.vision.module),
+    ):
+        sa, sb = ma.state_dict(), mb.state_dict()
         assert sa.keys() == sb.keys()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
     assert torch.equal(a.text_projection, b.text_projection)
@@ -52,6 +58,20 @@ def test_diffusers_folder_round_trip(tmp_path):
             preset.text_encoder(ids).last_hidden_state, loaded.text_encoder(ids).last_hidden_state
         )
     assert loaded.scheduler_config["beta_schedule"] == "scaled_linear"
+    # CLIP's image tower: saved to image_encoder/ + feature_extractor/, outside model_index.json
+    assert preset.vision is not None and loaded.vision is not None and loaded.vision.source == "image_encoder"
+    assert (loaded.vision.image_size, loaded.vision.mean, loaded.vision.std) == (
+        preset.vision.image_size,
+        preset.vision.mean,
+        preset.vision.std,
+    )
+    assert json.loads((folder / "model_index.json").read_text()).get("image_encoder") in (None, [None, None])
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(
+            preset.vision.module(pixel_values=pixels).image_embeds,
+            loaded.vision.module(pixel_values=pixels).image_embeds,
+        )
 
 
 def test_folder_missing_parts_are_named(tmp_path):
@@ -84,3 +104,24 @@ def test_sd15_has_the_real_parameter_counts(tmp_path):
     assert _params(sd15.unet) == 859_520_964
     assert _params(sd15.text_encoder) == 123_060_480
     assert _params(sd15.vae) == 83_653_863  # SD 1.5's AutoencoderKL (encoder + decoder)
+    assert sd15.vision is not None and sd15.vision.image_size == 224 and sd15.vision.projection_dim == 768
+    assert _params(sd15.vision.module) == 303_966_208  # openai/clip-vit-large-patch14's vision half
+
+
+def test_a_unet_with_inputs_the_graph_lacks_is_refused(tmp_path, capsys):
+    """An LCM-distilled UNet's guidance embedding (timestep_cond) has no input in the exported graph:
+    the export stops with the reason instead of writing a bundle that ignores it."""
+    import json
+
+    from export.__main__ import main
+    from export.models import build_preset, save_diffusers_folder
+
+    folder = save_diffusers_folder(build_preset("tiny", cache_dir=tmp_path / "cache"), tmp_path / "sd")
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "time_cond_proj_dim": 32}))
+    with pytest.raises(SystemExit) as stop:
+        main(["--model", str(folder), "--out", str(tmp_path / "bundle")])
+    assert stop.value.code == 2
+    assert "guidance embedding (time_cond_proj_dim 32" in capsys.readouterr().err
+    out = tmp_path / "bundle"
+    assert not out.exists() or not any(out.iterdir())  # nothing staged is left behind

@@ -414,20 +414,23 @@ def _figures(
 def clip_score(
     ref: torch_ref.TorchReference, s: Settings, pytorch: np.ndarray, ours: np.ndarray
 ) -> dict[str, Any]:
-    """CLIP score of both images, only when the model ships a CLIP vision tower (presets do not)."""
-    if s.model in PRESETS:
-        return {"status": "n/a (no vision tower)"}
-    embed, size, source = torch_ref.vision_tower(s.model)
-    if embed is None:
-        return {"status": source}
+    """CLIP score of both images with the model's own image tower (presets carry a random one)."""
+    vision = ref.components.vision
+    if vision is None:
+        return {"status": "n/a (no vision tower: a diffusers folder needs image_encoder/ or safety_checker/)"}
     text_embeds = ref.reference.encode([s.prompt]).text_embeds
     if text_embeds is None:
         return {"status": "n/a (no text_projection: export with --projection to embed the prompt)"}
-    try:
-        scores = torch_ref.clip_scores(embed, size, [pytorch, ours], text_embeds)
-    except RuntimeError as exc:  # e.g. the vision projection's width differs from the text projection's
-        return {"status": f"n/a (the vision tower in {source} does not fit the text encoder: {exc})"}
-    return {"pytorch": scores[0], "runtime": scores[1], "difference": scores[1] - scores[0], "source": source}
+    if vision.projection_dim != text_embeds.shape[-1]:
+        return {"status": f"n/a (the image tower's {vision.projection_dim}-d embeddings do not fit the "
+                          f"text projection's {text_embeds.shape[-1]})"}  # fmt: skip
+    scores = torch_ref.clip_scores(vision, [pytorch, ours], text_embeds)
+    return {
+        "pytorch": scores[0],
+        "runtime": scores[1],
+        "difference": scores[1] - scores[0],
+        "source": vision.source,
+    }
 
 
 def cpu_name() -> str:

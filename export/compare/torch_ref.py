@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -34,9 +34,10 @@ from torch import nn
 from export.build import INIT_FROM_CLIP, deprojector_module, model_spec, torch_module
 from export.compare.settings import Settings
 from export.init_images import init_image, init_mask
-from export.models import SDComponents, load_model
+from export.models import SDComponents, VisionTower, load_model
 from export.reference import ReferencePipeline, diffusers_scheduler
-from runtime.manifest import DeprojectorManifest, Manifest
+from runtime.clip_score import preprocess, scores
+from runtime.manifest import DeprojectorManifest, Manifest, VisionManifest
 
 
 @dataclass
@@ -251,67 +252,17 @@ def _deprojector(
 
 # -- CLIP score: only with a CLIP vision tower of the same CLIP model (presets have none) --
 
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073])
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711])
-ImageEmbedder = Callable[[torch.Tensor], torch.Tensor]
 
-
-def vision_tower(model: str) -> tuple[ImageEmbedder | None, int, str]:
-    """(pixel_values -> image embeds, input size, note) from a diffusers folder's `image_encoder/`
-    (CLIPVisionModelWithProjection) or `safety_checker/` (SD 1.x ships ViT-L/14's vision half there)."""
-    folder = Path(model)
-    if (folder / "image_encoder").is_dir():
-        from transformers import CLIPVisionModelWithProjection
-
-        encoder = CLIPVisionModelWithProjection.from_pretrained(
-            folder / "image_encoder", local_files_only=True
-        ).eval()
-        return (
-            (lambda px: encoder(pixel_values=px).image_embeds),
-            int(encoder.config.image_size),
-            "image_encoder/",
-        )
-    if (folder / "safety_checker").is_dir():
-        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-
-        checker = StableDiffusionSafetyChecker.from_pretrained(
-            folder / "safety_checker", local_files_only=True
-        ).eval()
-        size = int(checker.vision_model.config.image_size)
-        return (
-            (lambda px: checker.visual_projection(checker.vision_model(px).pooler_output)),
-            size,
-            "safety_checker/",
-        )
-    return None, 0, "n/a (no vision tower)"
-
-
-def clip_pixels(images: list[np.ndarray], size: int) -> torch.Tensor:
-    """uint8 (H, W, 3) -> CLIP pixel_values: shortest side to `size` (bicubic), centre crop, normalise."""
-    from PIL import Image
-
-    rows = []
-    for image in images:
-        pil = Image.fromarray(image)
-        scale = size / min(pil.size)
-        pil = pil.resize(
-            (max(size, round(pil.width * scale)), max(size, round(pil.height * scale))),
-            Image.Resampling.BICUBIC,
-        )
-        left, top = (pil.width - size) // 2, (pil.height - size) // 2
-        x = np.asarray(pil.crop((left, top, left + size, top + size)), np.float64) / 255.0
-        rows.append(((x - CLIP_MEAN) / CLIP_STD).transpose(2, 0, 1))
-    return torch.from_numpy(np.stack(rows)).float()
-
-
-def clip_scores(
-    embed: ImageEmbedder, size: int, images: list[np.ndarray], text_embeds: torch.Tensor
-) -> list[float]:
-    """100 x cosine(image embeds, text embeds) per image, the usual CLIP score (not clipped at 0)."""
+def clip_scores(vision: VisionTower, images: list[np.ndarray], text_embeds: torch.Tensor) -> list[float]:
+    """CLIPScore (100 x max(cos, 0)) of each image with PyTorch's image tower, on the runtime's
+    preprocessing (runtime/clip_score.py, bit-exact to CLIPImageProcessor's): the tower is the
+    comparison here, not the resizing."""
+    manifest = VisionManifest(vision.image_size, vision.mean, vision.std, vision.source)
+    pixels = torch.from_numpy(preprocess(images, manifest))
     with torch.no_grad():
-        image_embeds = embed(clip_pixels(images, size)).double()
-    text = text_embeds.double().reshape(1, -1)
-    return (100 * torch.nn.functional.cosine_similarity(image_embeds, text, dim=-1)).tolist()
+        image_embeds = vision.visual_projection(vision.vision_model(pixel_values=pixels).pooler_output)
+    text = text_embeds.double().reshape(1, -1).expand(len(images), -1)
+    return scores(image_embeds.double().numpy(), text.numpy())
 
 
 def set_threads(n: int) -> None:

@@ -169,6 +169,8 @@ def create_app(
     def _record(result: Result, batch_size: int) -> None:
         metrics.images.inc(len(result.images))
         metrics.batch_size.observe(batch_size)
+        for score in result.clip_scores or ():
+            metrics.clip_score.observe(score)
 
     @app.post(
         "/v1/generate",
@@ -191,13 +193,17 @@ def create_app(
             lambda: [png_bytes(im, t) for im, t in zip(result.images, texts, strict=True)]
         )
         if wants_png(request.headers.get("accept", "")):
-            return Response(pngs[0], media_type="image/png", headers={"X-Seed": str(result.seeds[0])})
+            headers = {"X-Seed": str(result.seeds[0])}
+            if result.clip_scores is not None:
+                headers["X-Clip-Score"] = f"{result.clip_scores[0]:.4f}"
+            return Response(pngs[0], media_type="image/png", headers=headers)
         payload = GenerateResponse(
             images=[base64.b64encode(png).decode() for png in pngs],
             seeds=result.seeds,
             infotexts=texts,
             parameters=GenerationParameters.from_options(result.options),
             timings=result.timings,
+            clip_scores=result.clip_scores,
         )
         return JSONResponse(payload.model_dump())
 

@@ -2,7 +2,7 @@
 
 Only requests whose merged run gives each of them exactly the images it would get alone are
 merged: one prompt each; equal size, steps, guidance, scheduler, mode, compose settings and
-cache interval;
+cache interval and clip_score;
 a deterministic scheduler (an ancestral one draws per-step noise from the call's seed + row,
 which a merge would reassign); truncated prompts (chunked prompts pad to the longest in a call);
 no caller-supplied latents, no init image. Each request's initial noise is drawn from its own seeds here, the
@@ -31,8 +31,8 @@ def batch_key(options: ResolvedOptions, bundle: Bundle) -> Hashable | None:
         return None
     if make_scheduler(o.scheduler, bundle.scheduler_config).stochastic:
         return None
-    return (o.height, o.width, o.steps, o.guidance, o.scheduler, o.mode, o.compose_mode, o.normalize,
-            o.num_images, o.cache_interval)  # fmt: skip
+    return (o.height, o.width, o.steps, o.cfg_scale, o.scheduler, o.mode, o.compose_mode, o.normalize,
+            o.num_images, o.cache_interval, o.clip_score)  # fmt: skip
 
 
 def merge(batch: list[ResolvedOptions], bundle: Bundle) -> ResolvedOptions:
@@ -57,6 +57,7 @@ def split(result: Result, batch: list[ResolvedOptions]) -> list[Result]:
             seeds=o.seeds,
             options=o,
             timings=dict(result.timings),
+            clip_scores=None if result.clip_scores is None else result.clip_scores[k * n : (k + 1) * n],
         )
         for k, o in enumerate(batch)
     ]

@@ -2,14 +2,16 @@
 
 One model (default name "sdrt", version "1"). Inputs: `prompt` BYTES [1] (required), optional
 one-element `negative_prompt`, `scheduler`, `mode`, `compose_mode`, `long_prompt`, `mask_mode`,
-`resize_mode` (BYTES), `steps`, `seed`, `width`, `height`, `num_images`, `cache_interval`,
-`mask_blur` (any INT/UINT type), `guidance`, `strength` (FP16/32/64), `normalize` (BOOL).
+`resize_mode`, `cfg_convention` (BYTES), `steps`, `seed`, `width`, `height`, `num_images`, `cache_interval`,
+`mask_blur` (any INT/UINT type), `guidance`, `strength` (FP16/32/64), `normalize`, `clip_score`
+(BOOL).
 img2img / inpainting: optional `init_image` and `mask`, each either BYTES [1] holding an image
 file (PNG, JPEG, WebP: raw bytes in the binary tensor extension, base64 text in JSON `data`), or
 the pixels as UINT8, [H, W, 3] RGB for `init_image` and [H, W] for `mask` (white = repaint).
 Outputs: `image` UINT8 [N, H, W, 3], `seed` INT64 [N] and `parameters` BYTES [N] (each image's
-A1111 text, as in its PNG). Request parameter `timeout` (microseconds, Triton's unit) shortens
-the deadline.
+A1111 text, as in its PNG); with `clip_score` true also `clip_score` FP32 [N] (each image's CLIP
+score, 0-100), which only such a request may name in its `outputs`. Request parameter `timeout`
+(microseconds, Triton's unit) shortens the deadline.
 
 Errors: a malformed request (JSON, tensor shapes, datatypes, unknown inputs) is 400, as Triton
 answers; a well-formed one with a bad value (unreadable text, steps out of range, an image that
@@ -47,7 +49,7 @@ from runtime.serving.limits import Limits
 
 VERSION = "1"
 _STRINGS = ("prompt", "negative_prompt", "scheduler", "mode", "compose_mode", "long_prompt", "mask_mode",
-            "resize_mode")  # fmt: skip
+            "resize_mode", "cfg_convention")  # fmt: skip
 _INTS = ("steps", "seed", "width", "height", "num_images", "cache_interval", "mask_blur")
 IMAGES = {"init_image": [-1, -1, 3], "mask": [-1, -1]}  # name -> its shape as a UINT8 pixel tensor
 INPUTS = {
@@ -57,9 +59,16 @@ INPUTS = {
     "guidance": "FP32",
     "strength": "FP32",
     "normalize": "BOOL",
+    "clip_score": "BOOL",
     **{name: "BYTES" for name in IMAGES},  # an image file; UINT8 pixels are accepted too
 }  # name -> the datatype the metadata advertises (other widths of the same kind are accepted)
-OUTPUTS = {"image": ("UINT8", [-1, -1, -1, 3]), "seed": ("INT64", [-1]), "parameters": ("BYTES", [-1])}
+OUTPUTS = {
+    "image": ("UINT8", [-1, -1, -1, 3]),
+    "seed": ("INT64", [-1]),
+    "parameters": ("BYTES", [-1]),
+    "clip_score": ("FP32", [-1]),  # only with the input clip_score true
+}
+SCORED = "clip_score"
 _EXAMPLE = {
     "inputs": [
         {"name": "prompt", "shape": [1], "datatype": "BYTES", "data": ["a cat maid, watercolor"]},
@@ -150,16 +159,19 @@ def options_from_inputs(specs: dict[str, InferTensor], values: dict[str, Tensor]
     )
 
 
-def _wanted_outputs(request: InferRequest) -> tuple[list[str], set[str]]:
-    """(output names, names to send as binary), from the request's `outputs` and parameters."""
+def _wanted_outputs(request: InferRequest, scored: bool) -> tuple[list[str], set[str]]:
+    """(output names, names to send as binary), from the request's `outputs` and parameters;
+    `scored`: the request asked for CLIP scores, the one case with a `clip_score` output."""
     default_binary = bool(request.parameters.get("binary_data_output", False))
     if request.outputs is None:
-        names = list(OUTPUTS)
+        names = [name for name in OUTPUTS if scored or name != SCORED]
         return names, set(names) if default_binary else set()
     unknown = sorted({o.name for o in request.outputs} - set(OUTPUTS))
     if unknown:
         raise CodecError(f"unknown output(s) {', '.join(unknown)}; this model has {', '.join(OUTPUTS)}")
     names = [o.name for o in request.outputs]
+    if SCORED in names and not scored:
+        raise CodecError(f"output {SCORED} needs the input {SCORED} (BOOL) set to true")
     binary = {o.name for o in request.outputs if o.parameters.get("binary_data", default_binary)}
     return names, binary
 
@@ -241,7 +253,8 @@ def build_router(
         def parse() -> tuple[InferRequest, list[str], set[str], ResolvedOptions]:
             try:
                 parsed, specs, values = decode_request(body, request.headers.get(HEADER_LENGTH))
-                names, binary = _wanted_outputs(parsed)
+                scored = SCORED in values and _one(SCORED, specs[SCORED], values[SCORED]) is True
+                names, binary = _wanted_outputs(parsed, scored)
                 return parsed, names, binary, prepare(options_from_inputs(specs, values), engine, limits)
             except CodecError as exc:  # not a well-formed v2 request; bad values (RequestError) are 422
                 raise HTTPException(400, str(exc)) from None
@@ -262,6 +275,8 @@ def build_router(
                 for i in range(len(result.images))
             ],
         }
+        if result.clip_scores is not None:
+            produced[SCORED] = np.asarray(result.clip_scores, dtype=np.float32)
         outputs = [Output(n, OUTPUTS[n][0], tuple(np.shape(produced[n])), produced[n]) for n in names]
         content, media_type, headers = encode_response(model, VERSION, parsed.id, outputs, binary)
         return Response(content=content, headers=headers, media_type=media_type)

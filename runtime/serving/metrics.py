@@ -1,4 +1,5 @@
-"""Prometheus metrics for one app: requests by route and status, latency, queue depth, in-flight.
+"""Prometheus metrics for one app: requests by route and status, latency, queue depth, in-flight,
+and the CLIP score of each image that asked for one (`sdrt_clip_score`: watch it for drift).
 
 Each app owns its registry (no process-global state), so several servers or tests can live in
 one process. Route labels are the route templates ("/v2/models/{name}/infer"), never raw paths,
@@ -25,6 +26,9 @@ from runtime.serving.errors import CLIENT_CLOSED
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# CLIP scores run 0-100; SD 1.x images of their prompts score mostly 20-35 with ViT-L/14, unrelated
+# pairs 10-20: fine buckets there, so drift of a few points shows.
+CLIP_SCORE_BUCKETS = (5, 10, 15, 18, 20, 22, 24, 26, 28, 30, 32, 34, 36, 40, 50, 75, 100)
 
 
 class Metrics:
@@ -53,6 +57,10 @@ class Metrics:
             "sdrt_batch_size", "requests per generate() call", buckets=(1, 2, 4, 8, 16, 32), registry=r
         )
         self.images = Counter("sdrt_images_generated", "images returned to clients", registry=r)
+        self.clip_score = Histogram(
+            "sdrt_clip_score", "CLIP score of each image generated with clip_score (0-100)",
+            buckets=CLIP_SCORE_BUCKETS, registry=r,
+        )  # fmt: skip
         ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
 
     def render(self) -> tuple[bytes, str]:

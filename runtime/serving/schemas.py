@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime.errors import RequestError
+from runtime.guidance import CFG_CONVENTIONS
 from runtime.init_image import RESIZE_MODES
 from runtime.options import (
     COMPOSE_MODES,
@@ -44,6 +45,12 @@ class GenerateRequest(BaseModel):
     negative_prompt: str = Field("", description="what to steer away from")
     steps: int = Field(25, strict=True, description="denoising steps (capped by the server's --max-steps)")
     guidance: float = Field(7.5, strict=True, description="classifier-free guidance scale, finite, >= 0")
+    cfg_convention: str = Field(
+        "1-based",
+        description="how guidance is written: 1-based eps_u + s(eps_c - eps_u), or 0-based "
+        "eps_c + s(eps_c - eps_u) (the same guidance as 1-based s + 1)",
+        json_schema_extra={"enum": list(CFG_CONVENTIONS)},
+    )
     seed: int = Field(0, strict=True, description="image i of the request uses seed + i")
     size: str | None = Field(
         None, description="WIDTHxHEIGHT in pixels (default: the bundle's); or give width and height"
@@ -97,6 +104,12 @@ class GenerateRequest(BaseModel):
         "the borders filled from its edges (resize_and_fill)",
         json_schema_extra={"enum": list(RESIZE_MODES)},
     )
+    clip_score: bool = Field(
+        False,
+        strict=True,
+        description="score each image against the prompt: 100 x max(cosine of CLIP's image and text "
+        "embeddings, 0), in `clip_scores` and the infotext; needs a bundle with CLIP's image tower",
+    )
     timeout: float | None = Field(
         None, gt=0, description="seconds until the server gives up (capped by its --timeout)"
     )
@@ -135,6 +148,7 @@ class GenerationParameters(BaseModel):
     negative_prompt: str
     steps: int
     guidance: float
+    cfg_convention: str
     seed: int
     width: int
     height: int
@@ -151,6 +165,7 @@ class GenerationParameters(BaseModel):
     resize_mode: str | None = Field(None, description="with an init_image; else null")
     mask_blur: int | None = Field(None, description="with a mask; else null")
     mask_mode: str | None = Field(None, description="with a mask: unet or blend (auto resolved); else null")
+    clip_score: bool = Field(False, description="whether CLIP scores were asked for")
 
     @classmethod
     def from_options(cls, o: ResolvedOptions) -> GenerationParameters:
@@ -159,6 +174,7 @@ class GenerationParameters(BaseModel):
             negative_prompt=o.negative_prompts[0],
             steps=o.steps,
             guidance=o.guidance,
+            cfg_convention=o.cfg_convention,
             seed=o.seed,
             width=o.width,
             height=o.height,
@@ -175,6 +191,7 @@ class GenerationParameters(BaseModel):
             resize_mode=None if o.init_image is None else o.resize_mode,
             mask_blur=None if o.mask is None else o.mask_blur,
             mask_mode=o.mask_mode if o.mask is not None else None,
+            clip_score=o.clip_score,
         )
 
 
@@ -185,7 +202,12 @@ class GenerateResponse(BaseModel):
     seeds: list[int] = Field(description="per image: the seed that reproduces it alone")
     infotexts: list[str] = Field(description="per image: the PNG's 'parameters' text")
     parameters: GenerationParameters
-    timings: dict[str, float] = Field(description="seconds per stage: text, denoise, decode")
+    timings: dict[str, float] = Field(
+        description="seconds per stage: text, (encode,) denoise, decode (, clip_score)"
+    )
+    clip_scores: list[float] | None = Field(
+        None, description="per image, with clip_score: 100 x max(cos(image, prompt), 0); else null"
+    )
 
 
 class ErrorResponse(BaseModel):
