@@ -21,7 +21,7 @@ the scores with it. The steps:
 4. normalise in float32: (x - mean) / std per channel, with the bundle's mean and std
    (manifest `vision`, the tower's own preprocessor config).
 
-What a score adds to a generation: `python -m runtime.clip_score_cost --bundle DIR`.
+What a score adds to a generation: `python scripts/bench_clip_score.py --bundle DIR`.
 """
 
 from __future__ import annotations

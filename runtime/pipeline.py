@@ -132,8 +132,7 @@ class Pipeline:
         cancel: Callable[[], bool] | None,
     ) -> np.ndarray:
         scheduler, timesteps = self._scheduler(o)
-        if start.begin:
-            scheduler.set_begin_index(start.begin)
+        scheduler.set_begin_index(start.begin)
         states = np.concatenate([uncond, cond]) if uses_uncond(o.cfg_scale) else cond
         shape = start.latents.shape[1:]
 

@@ -15,17 +15,14 @@ from types import ModuleType
 
 import pytest
 
+from tests.scripts import import_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import bench_e2e
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return bench_e2e
+    return import_script("bench_e2e")
 
 
 @pytest.mark.integration  # runs the bench in subprocesses

@@ -4,24 +4,20 @@ ratios and errors. The bench itself runs minutes on real UNets; its numbers live
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
 
+from tests.scripts import import_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import bench_int8_tools
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    return bench_int8_tools
+    return import_script("bench_int8_tools")
 
 
 def test_interleaved_calls_every_engine_once_per_round(bench: ModuleType) -> None:

@@ -70,7 +70,7 @@ def test_cli_writes_the_convention_only_when_not_default(fake_bundle: Path, tmp_
 
 def test_server_takes_the_convention_on_both_routes(fake_bundle: Path) -> None:
     pytest.importorskip("fastapi")
-    from tests.test_serve_clip_score import open_client
+    from tests.serve_client import open_client
 
     body = {"prompt": "a cat", "steps": 2, "seed": 1}
     with open_client(fake_bundle) as client:

@@ -28,6 +28,7 @@ from runtime.serving.batching import batch_key, merge, split
 from runtime.specs import CLIP_VISION
 from runtime.tokenizer import ClipTokenizer
 from tests.fake_bundle import CLIP_MEAN, CLIP_STD, VISION, VISION_SIZE, write_fake_bundle
+from tests.scripts import import_script
 
 # (width, height): non-square both ways, truncation where rounding would differ, odd crop margins.
 SIZES = [(80, 64), (64, 128), (77, 64), (64, 77), (200, 33), (96, 96), (24, 40), (123, 57), (16, 21)]
@@ -311,12 +312,15 @@ def test_off_by_default_a_bundle_with_the_tower_makes_the_same_files(
 def test_cost_tool_reports_the_stage_against_the_generation(
     fake_bundle: Path, blind_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from runtime.clip_score_cost import main as cost_main
+    cost_main = import_script("bench_clip_score").main
 
     assert cost_main(["--bundle", str(fake_bundle), "--steps", "2", "--runs", "1", "--threads", "1"]) == 0
+    cpu, line = capsys.readouterr().out.splitlines()
+    assert cpu.startswith("CPU: ") and "flags: " in cpu
     match = re.fullmatch(
-        r"clip_score (\S+) s of (\S+) s per generation \((\S+) %\): 1 image\(s\), 2 steps, median of 1\n",
-        capsys.readouterr().out,
+        r"clip_score (\S+) s of (\S+) s per generation \((\S+) %\): 1 image\(s\), 2 steps, "
+        r"onnxruntime, median of 1",
+        line,
     )
     assert match and 0 < float(match[1]) < float(match[2]) and 0 < float(match[3]) < 100
     assert cost_main(["--bundle", str(blind_bundle), "--steps", "2", "--runs", "1"]) == 2

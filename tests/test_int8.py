@@ -173,3 +173,11 @@ def test_compare_tool_gates_int8(int8_bundle: Path, tmp_path: Path) -> None:
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["unet.noise_pred cosine"]["limit"] == 0.99 and checks["unet.noise_pred cosine"]["passed"]
     assert any(c["name"].startswith("image PSNR") and c["limit"] == 30.0 for c in report["checks"])
+
+
+def test_an_inpainting_unet_is_refused_before_any_calibration(tiny_inpaint_bundle: Path) -> None:
+    """Calibration runs text-to-image generations, which an inpainting UNet does not make."""
+    before = (tiny_inpaint_bundle / "manifest.json").read_bytes()
+    with pytest.raises(RequestError, match="--int8: an inpainting UNet .* cannot be quantized yet"):
+        add_int8(tiny_inpaint_bundle, OPTIONS)
+    assert (tiny_inpaint_bundle / "manifest.json").read_bytes() == before

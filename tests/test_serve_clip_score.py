@@ -12,7 +12,6 @@ import base64
 import io
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,28 +26,19 @@ from fastapi.testclient import TestClient  # noqa: E402
 from runtime.backends.config import BackendConfig  # noqa: E402
 from runtime.options import GenerateOptions  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
-from runtime.serving import Engine, EngineConfig, Limits  # noqa: E402
-from runtime.serving.app import create_app  # noqa: E402
+from runtime.serving import Limits  # noqa: E402
 from runtime.serving.metrics import CLIP_SCORE_BUCKETS  # noqa: E402
-from runtime.serving.options import ServerOptions  # noqa: E402
 from tests.fake_bundle import write_fake_bundle  # noqa: E402
+from tests.serve_client import open_client  # noqa: E402
 
 LIMITS = Limits(max_steps=50, max_images=4, timeout_s=30)
 BODY: dict[str, Any] = {"prompt": "a red hat in the garden", "steps": 3, "seed": 8, "num_images": 2}
 HEADER = "Inference-Header-Content-Length"
 
 
-@contextmanager
-def open_client(bundle: Path, max_batch: int = 1) -> Iterator[TestClient]:
-    config = EngineConfig(workers=1, warmup=False, max_batch=max_batch, max_wait_s=0.05)
-    with Engine.open(bundle, BackendConfig(threads=1), config) as engine:
-        engine.start()
-        yield TestClient(create_app(engine, ServerOptions(limits=LIMITS), manage_engine=False))
-
-
 @pytest.fixture(scope="module")
 def client(fake_bundle: Path) -> Iterator[TestClient]:
-    with open_client(fake_bundle) as c:
+    with open_client(fake_bundle, LIMITS) as c:
         yield c
 
 
@@ -201,7 +191,7 @@ def _histogram(text: str) -> dict[str, float]:
 
 
 def test_metric_observes_each_scored_image_once(fake_bundle: Path, expected: list[float]) -> None:
-    with open_client(fake_bundle) as client:
+    with open_client(fake_bundle, LIMITS) as client:
         before = _histogram(client.get("/metrics").text)
         assert before["count"] == 0 and [float(b) for b in list(before)[:-3]] == list(CLIP_SCORE_BUCKETS)
         assert client.post("/v1/generate", json={**BODY, "clip_score": True}).status_code == 200
@@ -218,7 +208,7 @@ def test_batched_requests_get_their_own_scores(fake_bundle: Path, expected: list
     """Same-shape requests with clip_score merge into one call and still get their own scores."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with open_client(fake_bundle, max_batch=4) as client:
+    with open_client(fake_bundle, LIMITS, max_batch=4) as client:
         bodies = [{**BODY, "clip_score": True}, {**BODY, "prompt": "a blue cat", "clip_score": True}, BODY]
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(lambda b: client.post("/v1/generate", json=b).json(), bodies))
@@ -228,7 +218,7 @@ def test_batched_requests_get_their_own_scores(fake_bundle: Path, expected: list
 
 def test_a_bundle_without_the_tower_answers_422(tmp_path_factory: pytest.TempPathFactory) -> None:
     bundle = write_fake_bundle(tmp_path_factory.mktemp("blind") / "bundle", vision=False)
-    with open_client(bundle) as client:
+    with open_client(bundle, LIMITS) as client:
         r = client.post("/v1/generate", json={**BODY, "clip_score": True})
         assert r.status_code == 422
         assert r.json()["detail"].startswith("clip_score needs CLIP's image tower (clip_vision)")

@@ -31,10 +31,9 @@ from runtime.image import infotext, png_bytes  # noqa: E402
 from runtime.init_image import MAX_PIXELS  # noqa: E402
 from runtime.options import GenerateOptions  # noqa: E402
 from runtime.pipeline import Pipeline, Result  # noqa: E402
-from runtime.serving import Engine, EngineConfig, Limits  # noqa: E402
-from runtime.serving.app import create_app  # noqa: E402
-from runtime.serving.options import ServerOptions  # noqa: E402
+from runtime.serving import Engine, Limits  # noqa: E402
 from tests.fake_bundle import write_fake_bundle  # noqa: E402
+from tests.serve_client import client_for, open_client, open_engine  # noqa: E402
 
 LIMITS = Limits(max_steps=50, max_images=4, max_body_bytes=256_000, timeout_s=30)
 WIDTH, HEIGHT = 80, 64  # the init image's size, which the output takes when the request names none
@@ -81,14 +80,13 @@ def bit16_png() -> bytes:
 
 @pytest.fixture(scope="module")
 def engine(fake_bundle: Path) -> Iterator[Engine]:
-    with Engine.open(fake_bundle, BackendConfig(threads=1), EngineConfig(workers=1, warmup=False)) as e:
-        e.start()
+    with open_engine(fake_bundle) as e:
         yield e
 
 
 @pytest.fixture(scope="module")
 def client(engine: Engine) -> TestClient:
-    return TestClient(create_app(engine, ServerOptions(limits=LIMITS), manage_engine=False))
+    return client_for(engine, LIMITS)
 
 
 @pytest.fixture(scope="module")
@@ -106,10 +104,8 @@ def inpaint_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def inpaint_client(inpaint_bundle: Path) -> Iterator[TestClient]:
-    config = EngineConfig(workers=1, warmup=False)
-    with Engine.open(inpaint_bundle, BackendConfig(threads=1), config) as e:
-        e.start()
-        yield TestClient(create_app(e, ServerOptions(limits=LIMITS), manage_engine=False))
+    with open_client(inpaint_bundle, LIMITS) as c:
+        yield c
 
 
 def served(response: Any) -> tuple[np.ndarray, str, bytes]:
@@ -471,7 +467,7 @@ def test_v2_binary_bad_values_are_422(
 @pytest.fixture(scope="module")
 def default_limits_client(engine: Engine) -> TestClient:
     """The server's default limits, body size included."""
-    return TestClient(create_app(engine, ServerOptions(), manage_engine=False))
+    return client_for(engine)
 
 
 def test_default_body_limit_takes_a_large_image_and_refuses_more(default_limits_client: TestClient) -> None:

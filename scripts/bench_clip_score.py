@@ -1,8 +1,8 @@
-"""`python -m runtime.clip_score_cost --bundle DIR`: what a CLIP score adds to a generation.
+"""`python scripts/bench_clip_score.py --bundle DIR`: what a CLIP score adds to a generation.
 
 Runs the same generation with clip_score on (after one untimed run that loads every model) and
 reports the median seconds of its clip_score stage (preprocessing, the one clip_vision call, the
-cosines) against the whole generation's.
+cosines) against the whole generation's, in the same run, with the CPU it ran on.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import argparse
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from export.compare.cpu import cpu_flags, cpu_model
 from runtime.backends import BACKENDS, BackendConfig
 from runtime.cli import positive_int, size_argument
 from runtime.errors import EXIT_REQUEST, EXIT_SETUP, RequestError, SetupError
@@ -21,9 +22,19 @@ from runtime.options import GenerateOptions
 from runtime.pipeline import Pipeline
 
 
+@dataclass(frozen=True)
+class Cost:
+    clip_score_s: float  # median seconds of the clip_score stage
+    generation_s: float  # median seconds of the whole generation, score included
+
+    @property
+    def fraction(self) -> float:
+        return self.clip_score_s / self.generation_s
+
+
 def measure_cost(
     bundle: str | Path, options: GenerateOptions, runs: int = 3, backend: BackendConfig | None = None
-) -> dict[str, float]:
+) -> Cost:
     """What a CLIP score costs: median seconds of the clip_score stage and of the whole generation
     (the same options with clip_score on), after one untimed run that loads every model."""
     pipeline = Pipeline(bundle, backend)
@@ -38,13 +49,12 @@ def measure_cost(
             stage.append(result.timings["clip_score"])
     finally:
         pipeline.close()
-    score_s, total_s = statistics.median(stage), statistics.median(total)
-    return {"clip_score_s": score_s, "generation_s": total_s, "fraction": score_s / total_s}
+    return Cost(statistics.median(stage), statistics.median(total))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Exit 0, or 2 / 3 for a bad request / broken bundle, as `runtime.generate`."""
-    p = argparse.ArgumentParser(prog="python -m runtime.clip_score_cost", description=__doc__)
+    p = argparse.ArgumentParser(prog="python scripts/bench_clip_score.py", description=__doc__)
     p.add_argument("--bundle", type=Path, default=Path("bundles/tiny"))
     p.add_argument("--size", type=size_argument, default=None, help="WIDTHxHEIGHT (default: the bundle's)")
     p.add_argument("--steps", type=int, default=25)
@@ -63,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     except (RequestError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REQUEST if isinstance(exc, RequestError) else EXIT_SETUP
-    print(f"clip_score {cost['clip_score_s']:.4f} s of {cost['generation_s']:.3f} s per generation "
-          f"({100 * cost['fraction']:.2f} %): {args.num_images} image(s), {args.steps} steps, "
-          f"median of {args.runs}")  # fmt: skip
+    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))) or "none"
+    print(f"CPU: {cpu_model()}; flags: {flags}")
+    print(f"clip_score {cost.clip_score_s:.4f} s of {cost.generation_s:.3f} s per generation "
+          f"({100 * cost.fraction:.2f} %): {args.num_images} image(s), {args.steps} steps, "
+          f"{args.backend}, median of {args.runs}")  # fmt: skip
     return 0
 
 
