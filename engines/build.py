@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from engines.builder import Built, EngineBuildError, plan_loads, run_jobs
-from engines.cache import plan_jobs
+from engines.cache import build_flags, plan_jobs
 from engines.profiles import ProfileRequest, parse_batch, parse_dynamic, parse_shapes
 from runtime.backends.base import BackendError
 from runtime.backends.tensorrt import probe_environment
@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--workspace", type=float, default=None, help="workspace memory limit in GB")
     p.add_argument(
+        "--refittable",
+        action="store_true",
+        help="build engines whose weights can be replaced in place (trt.Refitter), which LoRAs on "
+        "TensorRT need; may run slower (not measured here: see the README); recorded in the manifest",
+    )
+    p.add_argument(
         "--rebuild-stale",
         action="store_true",
         help="also rebuild every engine in the manifest that is stale, corrupt, or that this TensorRT "
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             args.rebuild_stale,
             force=args.force,
             check_plan=plan_loads if args.rebuild_stale else None,
+            flags=build_flags(args.refittable),
         )
         results = [Built(name, "up to date", 0.0, entries[name].plan_bytes) for name in current]
         timing_cache = args.timing_cache or engine_dir / TIMING_CACHE

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engines.cache import FLAGS, BuildJob, save_manifest
+from engines.cache import BuildJob, save_manifest
 from runtime.backends.tensorrt import make_logger
 from runtime.backends.trt_manifest import EngineEntry, GpuEnvironment
 from runtime.backends.trt_shapes import input_ranges
@@ -114,6 +114,8 @@ def build_plan(job: BuildJob, bundle: Bundle, timing_cache: bytes) -> tuple[memo
         )
     if job.settings.get("opt_level") is not None:
         config.builder_optimization_level = int(job.settings["opt_level"])
+    if job.flags.get("refittable"):  # every weight refittable by its ONNX initializer's name
+        config.set_flag(trt.BuilderFlag.REFIT)
     cache = config.create_timing_cache(timing_cache)
     if not config.set_timing_cache(cache, False):
         log.warning("%s: the timing cache is from another GPU or TensorRT; starting a new one", job.name)
@@ -170,7 +172,7 @@ def run_jobs(
             plan_bytes=plan.nbytes,
             source=job.source,
             profiles=job.profiles,
-            flags=dict(FLAGS),
+            flags=dict(job.flags),
             settings=job.settings,
             environment=env,
             build_seconds=round(seconds, 1),

@@ -9,7 +9,7 @@ a half-written plan or manifest behind.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,14 @@ from runtime.bundle import Bundle
 from runtime.files import sha256_file, write_atomic
 
 FLAGS = {"precision": PRECISION, "strongly_typed": True}  # what TensorRT 11 builds, set explicitly on 10
+# `--refittable`: every weight can be replaced after the build (trt.Refitter), which is how LoRAs
+# reach a TensorRT engine (runtime/backends/trt_refit.py); it may cost speed, so it is opt-in.
+# Only set when asked, so that the keys of engines built without it stay what they were.
+REFITTABLE = {**FLAGS, "refittable": True}
+
+
+def build_flags(refittable: bool) -> dict[str, Any]:
+    return dict(REFITTABLE if refittable else FLAGS)
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,7 @@ class BuildJob:
     settings: dict[str, Any]  # opt_level, workspace_gb
     key: str
     reason: str  # why it is built: "new", or what made the old engine stale
+    flags: dict[str, Any] = field(default_factory=lambda: dict(FLAGS))  # part of the key
 
 
 def save_manifest(engine_dir: Path, entries: dict[str, EngineEntry]) -> None:
@@ -76,24 +85,29 @@ def plan_jobs(
     rebuild_stale: bool,
     force: bool = False,
     check_plan: Callable[[Path], str | None] | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> tuple[list[BuildJob], list[str]]:
     """(jobs to build, names already up to date). `request` asks for one engine per bundle model;
     `rebuild_stale` also rebuilds every existing engine that is stale or corrupt here, with its
     own profiles and settings. `force` rebuilds whatever is asked for even if it is up to date;
-    `check_plan(path)` says why an up-to-date-looking plan cannot load here (None if it can)."""
-    wanted: list[tuple[str, tuple[Profile, ...], dict[str, Any]]] = []
+    `check_plan(path)` says why an up-to-date-looking plan cannot load here (None if it can).
+    `flags` (default FLAGS) are those of the requested engines; a stale one keeps its own."""
+    asked = dict(FLAGS if flags is None else flags)
+    wanted: list[tuple[str, tuple[Profile, ...], dict[str, Any], dict[str, Any]]] = []
     if request is not None:
-        wanted += [(m, model_profiles(bundle, m, request), settings) for m in bundle.models]
+        wanted += [(m, model_profiles(bundle, m, request), settings, asked) for m in bundle.models]
     if rebuild_stale:
-        wanted += [(e.model, e.profiles, e.settings) for e in entries.values() if e.model in bundle.models]
+        wanted += [
+            (e.model, e.profiles, e.settings, e.flags) for e in entries.values() if e.model in bundle.models
+        ]
     jobs: dict[str, BuildJob] = {}
     current: list[str] = []
-    for model, profiles, job_settings in wanted:
+    for model, profiles, job_settings, job_flags in wanted:
         name = f"{model}.{profile_label(profiles, bundle.vae_scale_factor)}"
         if name in jobs or name in current:
             continue
         source = source_onnx(bundle, model)
-        key = cache_key(source, env, profiles, FLAGS)
+        key = cache_key(source, env, profiles, job_flags)
         old = entries.get(name)
         stale = stale_reasons(old, env, source) if old is not None else []  # what the backend refuses
         reason = "; ".join(stale) or rebuild_reason(old, key, job_settings, engine_dir)
@@ -105,5 +119,5 @@ def plan_jobs(
             current.append(name)
             continue
         onnx = bundle.verified_path(bundle.graph(model, PRECISION))
-        jobs[name] = BuildJob(name, model, onnx, source, profiles, job_settings, key, reason)
+        jobs[name] = BuildJob(name, model, onnx, source, profiles, job_settings, key, reason, dict(job_flags))
     return list(jobs.values()), current

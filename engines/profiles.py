@@ -107,7 +107,8 @@ def model_profiles(bundle: Bundle, model: str, request: ProfileRequest) -> tuple
     for width, height in shapes:
         h = _side(height, dims[height_dim], scale, unit, "--shapes")
         w = _side(width, dims[width_dim], scale, unit, "--shapes")
-        profiles.append({**base, height_dim: DimRange(h, h, h), width_dim: DimRange(w, w, w)})
+        profile = {**base, height_dim: DimRange(h, h, h), width_dim: DimRange(w, w, w)}
+        profiles.append({**profile, **_pixel_dims(profile, scale)})
     if request.dynamic is not None:
         lo, hi = request.dynamic
         for d in (height_dim, width_dim):
@@ -116,8 +117,19 @@ def model_profiles(bundle: Bundle, model: str, request: ProfileRequest) -> tuple
                 _side(hi, dims[d], scale, unit, "--dynamic"),
             )
             base[d] = DimRange(low, min(max(dims[d].opt, low), high), high)
-        profiles.append(base)
+        profiles.append({**base, **_pixel_dims(base, scale)})
     return tuple(profiles)
+
+
+def _pixel_dims(profile: Profile, scale: int) -> Profile:
+    """A model with both latent and pixel sides (clip_guidance: the latent and its resize matrices'
+    image sides) gets pixel ranges that follow its latent ones: the image is the decoded latent."""
+    if not all(d in profile for d in (*SPATIAL, *PIXEL_SPATIAL)):
+        return {}
+    return {
+        pixel: DimRange(r.min * scale, r.opt * scale, r.max * scale)
+        for pixel, r in ((p, profile[latent]) for p, latent in zip(PIXEL_SPATIAL, SPATIAL, strict=True))
+    }
 
 
 def profile_label(profiles: tuple[Profile, ...], scale: int) -> str:

@@ -2,6 +2,7 @@
 
 python -m export --model tiny|sd15|PATH [--seed N] [--projection DIR]
                  [--deprojector CKPT|none] --out DIR [--precision fp32|fp16|both] [--deepcache]
+                 [--clip-guidance]
                  [--int8 [--int8-scheme hybrid|full] [--int8-samples N] [--int8-size PX] [--int8-steps N]
                          [--int8-vae]]
                  [--force]
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
         "--deepcache",
         action="store_true",
         help="also write the step-caching UNets (`--cache-interval` at run time; one more UNet of files)",
+    )
+    p.add_argument(
+        "--clip-guidance",
+        action="store_true",
+        help="also write CLIP guidance's gradient graph (`--clip-guidance SCALE` at run time; needs CLIP's "
+        "image tower and text projection)",
     )
     int8 = p.add_argument_group("int8 UNet (OpenVINO; export/int8.py)")
     int8.add_argument(
@@ -106,6 +113,7 @@ def _options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Expor
         precision=args.precision,
         force=args.force,
         deepcache=args.deepcache,
+        clip_guidance=args.clip_guidance,
     )
 
 

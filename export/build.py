@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import CLIPTokenizer
 
-from export import deepcache, fp16, fusion, graph, onnx_io
+from export import clip_guidance, deepcache, fp16, fusion, graph, onnx_io
 from export.bundle import (
     DEPROJECTOR_DIR,
     TOKENIZER_DIR,
@@ -61,12 +61,14 @@ from runtime.manifest import (
     VisionManifest,
 )
 from runtime.specs import (
+    CLIP_GUIDANCE,
     CLIP_VISION,
     CONTEXT_LENGTH,
     DEEPCACHE_FULL,
     DEEPCACHE_SHALLOW,
     LATENT_CHANNELS,
     ModelSpec,
+    clip_guidance_spec,
     clip_spec,
     clip_vision_spec,
     deepcache_full_spec,
@@ -100,6 +102,9 @@ class ExportOptions:
     force: bool = False  # rebuild even if the bundle could be reused
     # Step-caching graphs (export/deepcache.py): a second full UNet, so opt-in (+1 UNet of files).
     deepcache: bool = False
+    # CLIP guidance's gradient graph (export/clip_guidance.py): needs CLIP's image tower and text
+    # projection; opt-in (a second VAE decoder and image tower of files, and a slower export).
+    clip_guidance: bool = False
 
 
 @dataclass
@@ -169,6 +174,9 @@ def model_spec(name: str, components: SDComponents) -> ModelSpec:
     if name == CLIP_VISION:
         tower = _vision(components)
         return clip_vision_spec(tower.image_size, tower.projection_dim)
+    if name == CLIP_GUIDANCE:
+        tower = _vision(components)
+        return clip_guidance_spec(tower.image_size, tower.projection_dim)
     if name == "clip":
         projection = components.text_projection
         return clip_spec(hidden, None if projection is None else int(projection.shape[0]))
@@ -208,6 +216,8 @@ def torch_module(name: str, components: SDComponents, deprojector: nn.Module | N
     if name == CLIP_VISION:
         tower = _vision(components)
         return ClipVisionWrapper(tower.vision_model, tower.visual_projection).eval()
+    if name == CLIP_GUIDANCE:
+        return clip_guidance.ClipGuidanceGradient(components.vae, _vision(components)).eval()
     raise ValueError(f"unknown model {name!r}")
 
 
@@ -222,6 +232,10 @@ def dim_ranges(name: str, sample_size: int, vae_scale_factor: int) -> dict[str, 
         return {"batch": BATCH}
     if name == CLIP_VISION:  # one image per CLIP score; its side is fixed by the tower
         return {"batch": {**BATCH, "opt": 1}}
+    if name == CLIP_GUIDANCE:  # one image per gradient, like a decode; the resize matrices' pixels
+        pixels = {k: v * vae_scale_factor for k, v in latent.items()}
+        one = {"batch": {**BATCH, "opt": 1}, "height": latent, "width": latent}
+        return {**one, "image_height": pixels, "image_width": pixels}
     if name == "unet" or name in DEEPCACHE_MODELS:
         return {"batch": BATCH, "height": latent, "width": latent, "tokens": TOKENS}
     return {"batch": {**BATCH, "opt": 1}, "height": latent, "width": latent}  # one image per decode
@@ -247,6 +261,7 @@ def fingerprint(opts: ExportOptions) -> dict[str, Any]:
         "deprojector": INIT_FROM_CLIP if deprojector is None else deprojector,
         "precision": opts.precision,
         "deepcache": opts.deepcache,
+        **({"clip_guidance": True} if opts.clip_guidance else {}),
         "packages": package_versions(),
         "exporter": exporter_digest(),
     }
@@ -328,7 +343,7 @@ def _trace_all(
     """
     deprojector_entry = None
     image_size = 0 if components.vision is None else components.vision.image_size
-    for name in sorted(models, key=lambda n: n != CLIP_VISION):
+    for name in sorted(models, key=lambda n: (n != CLIP_GUIDANCE, n != CLIP_VISION)):
         with progress.stage(f"trace {name}"):
             deprojector = None
             if name == "deprojector":
@@ -340,10 +355,16 @@ def _trace_all(
             spec = model_spec(name, components)
             raw = staging / "raw" / name / f"{name}.onnx"
             channels = deepcache.feature_channels(components.unet) if name in DEEPCACHE_MODELS else 0
-            inputs = example_inputs(
-                name, components.hidden_size, channels, unet_channels(components), image_size
-            )
-            export_onnx(module, inputs, spec, raw)
+            if name == CLIP_GUIDANCE:  # autograd inside: traced by make_fx, exported by dynamo
+                assert isinstance(module, clip_guidance.ClipGuidanceGradient)
+                tower = _vision(components)
+                args = clip_guidance.example_inputs(tower.image_size, tower.projection_dim)
+                clip_guidance.export_gradient(module, args, spec, raw)
+            else:
+                inputs = example_inputs(
+                    name, components.hidden_size, channels, unet_channels(components), image_size
+                )
+                export_onnx(module, inputs, spec, raw)
             del module, deprojector
         if name == CLIP_VISION:
             components.vision = None
@@ -392,6 +413,7 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
         if (n != "deprojector" or opts.deprojector != "none")
         and (opts.deepcache or n not in DEEPCACHE_MODELS)
         and (n != CLIP_VISION or has_vision_tower(opts.model))
+        and (n != CLIP_GUIDANCE or opts.clip_guidance)
     ]
     # trace, clean, writes, fp16 conversion, ORT fusion of fp32
     stages_per_model = 2 + len(precisions) + ("fp16" in precisions) + ("fp32" in precisions)
@@ -403,6 +425,11 @@ def export_bundle(opts: ExportOptions) -> ExportResult:
                 components = load_model(opts.model, opts.seed, opts.projection)
             if (components.vision is None) == (CLIP_VISION in models):
                 raise RuntimeError(f"{opts.model}: has_vision_tower() and load_model() disagree")
+            if opts.clip_guidance and (components.vision is None or components.text_projection is None):
+                raise ValueError(
+                    f"--clip-guidance needs CLIP's image tower and text projection; {opts.model} lacks "
+                    "one (a diffusers folder: `--projection DIR` and a safety_checker/ or image_encoder/)"
+                )
             with progress.stage("tokenizer"):
                 tokenizer = _write_tokenizer(components, staging.dir / TOKENIZER_DIR)
             facts = _manifest_facts(components, opts)

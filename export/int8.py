@@ -48,6 +48,7 @@ from runtime.backends import Backend, BackendConfig, open_backend
 from runtime.bundle import Bundle
 from runtime.errors import RequestError
 from runtime.files import write_atomic
+from runtime.lora import WeightSet
 from runtime.manifest import FileEntry, Manifest, ModelManifest
 from runtime.options import GenerateOptions, ResolvedOptions, validate
 from runtime.pipeline import Pipeline
@@ -127,6 +128,9 @@ class _Recorder:
 
     def prepare(self, models: Iterable[str]) -> None:
         self.inner.prepare(models)
+
+    def set_weights(self, model: str, weights: WeightSet | None) -> None:
+        self.inner.set_weights(model, weights)
 
     def close(self) -> None:
         self.inner.close()

@@ -4,9 +4,10 @@ Every text of a request goes through CLIP in ONE batched call (negatives, prompt
 composition every comma piece plus ""), and the deprojector runs once for all prompts.
 Negative prompts always use real CLIP states, never deprojected ones.
 
-With `clip_score`, the prompts' own `text_embeds` come along: from the same CLIP call in the
-standard and deproject modes (a chunked prompt's first chunk is its truncated text), from one more
-CLIP call of the prompt texts in compose mode (whose call encodes the pieces, not the prompt).
+With `clip_score` or `clip_guidance`, the prompts' own `text_embeds` come along: from the same
+CLIP call in the standard and deproject modes (a chunked prompt's first chunk is its truncated
+text), from one more CLIP call of the prompt texts in compose mode (whose call encodes the pieces,
+not the prompt).
 """
 
 from __future__ import annotations
@@ -32,14 +33,14 @@ def _clip(
 class PromptStates:
     uncond: np.ndarray  # (P, 77·k, D), one row per prompt
     cond: np.ndarray  # (P, 77·k, D)
-    text_embeds: np.ndarray | None  # (P, projection): the prompts' own, with options.clip_score only
+    text_embeds: np.ndarray | None  # (P, projection): the prompts' own, with clip_score / clip_guidance
 
 
 def prompt_states(backend: Backend, tokenizer: ClipTokenizer, options: ResolvedOptions) -> PromptStates:
     """(uncond, cond) states with one row per prompt, and the prompts' text_embeds when asked."""
     prompts, negatives = list(options.prompts), list(options.negative_prompts)
     n = len(prompts)
-    embeds = "text_embeds" if options.clip_score else None
+    embeds = "text_embeds" if options.clip_score or options.clip_guidance > 0 else None
     if options.mode == "standard":
         out = _clip(backend, tokenizer, negatives + prompts, options.long_prompt)
         states = out["last_hidden_state"]

@@ -7,6 +7,9 @@ full call's feature otherwise. N = 1 runs the plain `unet` graph on every call.
 img2img and inpainting start part-way (`Start.begin`, runtime/start_latents.py); an inpainting UNet
 reads the mask and masked-image latents beside the latents, and latent blending re-imposes the
 unmasked area after every step.
+
+CLIP guidance's second pass (runtime/clip_guidance.py) passes `correct`, which adjusts the CFG
+prediction before the scheduler steps.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from runtime.backends.base import Backend
+from runtime.clip_guidance import Correction
 from runtime.guidance import combine, unet_batch
 from runtime.schedulers.base import Scheduler
 from runtime.specs import DEEP_FEATURE, DEEPCACHE_FULL, DEEPCACHE_SHALLOW
@@ -36,6 +40,7 @@ def denoise(
     guidance: float,
     noise: Callable[[], np.ndarray] | None = None,  # fresh (N, 4, h, w) noise for ancestral steps
     cache_interval: int = 1,
+    correct: Correction | None = None,
 ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Yield (step index, timestep, latents after that step) for steps start.begin, ..., last."""
     feature: np.ndarray | None = None  # the deep feature of the last full call
@@ -60,6 +65,8 @@ def denoise(
             assert feature is not None, "the first call is always a full one"
             prediction = backend.run(DEEPCACHE_SHALLOW, {**feeds, DEEP_FEATURE: feature})["noise_pred"]
         noise_pred = combine(prediction, guidance)
+        if correct is not None:
+            noise_pred = correct(i, noise_pred, latents)
         latents = scheduler.step(noise_pred, i, latents, noise=noise() if noise else None)
         if start.blend is not None:
             latents = start.blend(scheduler, latents, i)

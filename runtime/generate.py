@@ -17,10 +17,12 @@ from tqdm import tqdm
 from runtime.backends import BACKENDS, PRECISIONS, BackendConfig
 from runtime.bundle import VERIFY_MODES, Bundle
 from runtime.cli import positive_int, report, size_argument
+from runtime.clip_guidance import DEFAULT_SKIP
 from runtime.errors import EXIT_SETUP, RequestError, SetupError
 from runtime.guidance import CFG_CONVENTIONS
 from runtime.image import IMAGE_FORMATS, check_writable, infotext, save_image
 from runtime.init_image import RESIZE_MODES, read_image_file
+from runtime.lora.cli import cli_loras, lora_argument
 from runtime.options import (
     COMPOSE_MODES,
     DEFAULT_SEED,
@@ -141,11 +143,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="just_resize",
         help="fitting an init image of another size: stretch, crop to fill, or fit and pad with its edges",
     )
+    lora = p.add_argument_group("LoRA (safetensors, kohya/A1111 or diffusers/PEFT layout)")
+    lora.add_argument(
+        "--lora",
+        type=lora_argument,
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help="apply this LoRA file with this strength (default 1.0); repeat for several",
+    )
+    lora.add_argument(
+        "--lora-dir",
+        type=Path,
+        default=None,
+        help="folder of NAME.safetensors files that the prompt's <lora:NAME:WEIGHT> tags name (A1111's "
+        "syntax, read from the prompt only, as A1111 does)",
+    )
     p.add_argument(
         "--clip-score",
         action="store_true",
         help="score each image against its prompt (100 x cosine of CLIP's image and text embeddings, "
         "0-100): logged and written to the image's parameters; needs a bundle with CLIP's image tower",
+    )
+    p.add_argument(
+        "--clip-guidance",
+        type=float,
+        default=0.0,
+        metavar="SCALE",
+        help="UPainting-style CLIP guidance: a second pass that corrects the prediction toward the "
+        "prompt's CLIP embedding (twice the steps, plus a gradient per step); 0 = off; needs a bundle "
+        "exported with --clip-guidance",
+    )
+    p.add_argument(
+        "--clip-guidance-skip",
+        type=int,
+        default=DEFAULT_SKIP,
+        metavar="K",
+        help=f"steps run without the correction first (default {DEFAULT_SKIP})",
     )
     p.add_argument(
         "--out",
@@ -166,14 +200,16 @@ def _out_paths(out: Path, count: int) -> list[Path]:
 
 def _options(args: argparse.Namespace) -> GenerateOptions:
     """The request, init image and mask read from their files (RequestError naming the flag)."""
+    prompts, loras = cli_loras(tuple(args.prompt), args.lora, args.lora_dir)
     init_image = None if args.init_image is None else read_image_file(args.init_image, "--init-image")
     mask = None if args.mask is None else read_image_file(args.mask, "--mask", mask=True)
     return options_from(
         vars(args),
-        prompts=tuple(args.prompt),
+        prompts=prompts,
         negative_prompts=tuple(args.negative),
         init_image=init_image,
         mask=mask,
+        loras=loras,
     )
 
 

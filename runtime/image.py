@@ -17,6 +17,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from runtime.errors import RequestError
 from runtime.files import write_atomic
+from runtime.lora.infotext import lora_hashes, prompt_with_tags
 
 if TYPE_CHECKING:
     from runtime.pipeline import Result
@@ -56,9 +57,15 @@ def infotext(result: Result, index: int, backend: str, precision: str, model: st
         settings["Resize mode"] = o.resize_mode
     if o.mask is not None:
         settings.update({"Mask blur": o.mask_blur, "Mask mode": o.mask_mode})
+    if o.clip_guidance > 0:  # only when on: unguided images keep their text unchanged
+        settings.update({"CLIP guidance": o.clip_guidance, "CLIP guidance skip": o.clip_guidance_skip})
     if result.clip_scores is not None:  # asked for: an image without it keeps its text unchanged
         settings["CLIP score"] = f"{result.clip_scores[index]:.2f}"
-    return parameters_text(o.prompts[prompt_index], o.negative_prompts[prompt_index], settings)
+    prompt = o.prompts[prompt_index]
+    if o.loras:  # A1111's way: the tags in the prompt line, the files' hashes in `Lora hashes`
+        prompt = prompt_with_tags(prompt, o.loras)
+        settings["Lora hashes"] = lora_hashes(o.loras)
+    return parameters_text(prompt, o.negative_prompts[prompt_index], settings)
 
 
 # Output formats by file extension. PNG keeps the parameters in a text chunk; JPEG in its comment

@@ -17,7 +17,8 @@
                                                               # with models.clip_vision (CLIP score)
       "models": {
         "clip" | "deprojector" | "unet" | "vae_encoder" | "vae_decoder"
-        | "unet_deepcache_full" | "unet_deepcache_shallow": {      # the last two: export --deepcache
+        | "unet_deepcache_full" | "unet_deepcache_shallow"          # these two: export --deepcache
+        | "clip_vision" | "clip_guidance": {                        # the last: export --clip-guidance
           "inputs":  [{"name": "sample", "dtype": "float32", "shape": ["batch", 4, "height", "width"]}],
           "outputs": [...],
           "dims": {"batch": {"min": 1, "opt": 2, "max": 8}, ...},
@@ -42,7 +43,8 @@ CUDA prefers them, TensorRT and OpenVINO read `files`.
 Format 2 (this one) added the typed schema, full validation at open, and hashes of the tokenizer
 files; a format-1 bundle is refused with the re-export command. The step-caching graphs
 (`unet_deepcache_*`) are optional models added within format 2, and so are the int8 file set (an
-OpenVINO IR, export/int8.py) and `vae_encoder` (img2img, inpainting): older bundles still open.
+OpenVINO IR, export/int8.py), `vae_encoder` (img2img, inpainting) and `clip_guidance` (the
+gradient of CLIP guidance, with `clip_vision`): older bundles still open.
 An inpainting UNet is told by its `sample` input's channels (9 instead of 4).
 """
 
@@ -54,13 +56,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from runtime.errors import SetupError
-from runtime.specs import CLIP_VISION, DEEPCACHE_FULL, DEEPCACHE_SHALLOW, ModelSpec, TensorSpec
+from runtime.specs import CLIP_GUIDANCE, CLIP_VISION, DEEPCACHE_FULL, DEEPCACHE_SHALLOW, ModelSpec, TensorSpec
 
 FORMAT = "sdrt-bundle"
 FORMAT_VERSION = 2
 MODEL_NAMES = (
     "clip", "deprojector", "unet", "vae_encoder", "vae_decoder", DEEPCACHE_FULL, DEEPCACHE_SHALLOW,
-    CLIP_VISION,
+    CLIP_VISION, CLIP_GUIDANCE,
 )  # fmt: skip
 REQUIRED_MODELS = ("clip", "unet", "vae_decoder")
 OPTIONAL_MODELS = tuple(name for name in MODEL_NAMES if name not in REQUIRED_MODELS)
@@ -385,6 +387,10 @@ class Manifest:
         if (vision is None) != (CLIP_VISION not in models):
             raise ManifestError(
                 f"manifest.json: vision and models.{CLIP_VISION} must be given together: {REEXPORT}"
+            )
+        if CLIP_GUIDANCE in models and CLIP_VISION not in models:
+            raise ManifestError(
+                f"manifest.json: models.{CLIP_GUIDANCE} needs models.{CLIP_VISION}: {REEXPORT}"
             )
         return cls(
             hidden_size=f.integer("hidden_size", 1),

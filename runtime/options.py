@@ -10,11 +10,14 @@ from typing import Any
 import numpy as np
 
 from runtime.bundle import Bundle
+from runtime.clip_guidance import DEFAULT_SKIP
+from runtime.clip_guidance import check_options as check_clip_guidance
 from runtime.clip_score import check_bundle as check_clip_score
 from runtime.compose import parse_prompt
 from runtime.errors import RequestError
 from runtime.guidance import CFG_CONVENTIONS, one_based
 from runtime.init_image import RESIZE_MODES, check_array, default_size, fit, prepare_mask
+from runtime.lora import LoraRef, check_refs
 from runtime.schedulers import SCHEDULERS, make_scheduler
 from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, INPAINT_CHANNELS
 from runtime.tokenizer import LONG_PROMPT_MODES
@@ -60,6 +63,10 @@ class GenerateOptions:
     resize_mode: str = "just_resize"  # how an init image of another size is fitted
     clip_score: bool = False  # score each image against its prompt (runtime/clip_score.py)
     cfg_convention: str = "1-based"  # how `guidance` is written (runtime/guidance.py)
+    # UPainting-style CLIP guidance (runtime/clip_guidance.py): a second, corrected pass; 0 = off.
+    clip_guidance: float = 0.0
+    clip_guidance_skip: int = DEFAULT_SKIP  # steps run uncorrected first
+    loras: tuple[LoraRef, ...] = ()  # applied in this order to CLIP and the UNet(s) (runtime/lora/)
 
     @property
     def total_images(self) -> int:
@@ -95,6 +102,9 @@ class ResolvedOptions:
     resize_mode: str = "just_resize"
     clip_score: bool = False  # checked: the bundle has clip_vision and clip's text_embeds
     cfg_convention: str = "1-based"  # of `guidance`, which stays as given (the infotext shows it)
+    clip_guidance: float = 0.0  # checked: > 0 needs the bundle's clip_guidance graph and towers
+    clip_guidance_skip: int = DEFAULT_SKIP  # checked: below steps when clip_guidance > 0
+    loras: tuple[LoraRef, ...] = ()  # checked files and scales; their content is read by the pipeline
 
     @property
     def total_images(self) -> int:
@@ -268,7 +278,11 @@ def validate(options: GenerateOptions | ResolvedOptions, bundle: Bundle) -> Reso
         raise RequestError(f"clip_score must be true or false; got {o.clip_score!r:.40}")
     if o.clip_score:
         check_clip_score(bundle)
+    clip_guidance, clip_guidance_skip = check_clip_guidance(
+        o.clip_guidance, o.clip_guidance_skip, o.steps, bundle
+    )
     image_fields = _image_fields(o, bundle, init_image, width, height)
+    loras = check_refs(o.loras)
     if o.latents is not None:
         expected = (o.total_images, bundle.latent_channels, height // factor, width // factor)
         if not isinstance(o.latents, np.ndarray) or o.latents.shape != expected \
@@ -279,7 +293,8 @@ def validate(options: GenerateOptions | ResolvedOptions, bundle: Bundle) -> Reso
         seed=o.seed, height=height, width=width, scheduler=o.scheduler, mode=o.mode,
         compose_mode=o.compose_mode, normalize=o.normalize, num_images=o.num_images,
         long_prompt=o.long_prompt, latents=o.latents, cache_interval=o.cache_interval,
-        clip_score=o.clip_score, cfg_convention=o.cfg_convention, **image_fields,
+        clip_score=o.clip_score, cfg_convention=o.cfg_convention, loras=loras, clip_guidance=clip_guidance,
+        clip_guidance_skip=clip_guidance_skip, **image_fields,
     )  # fmt: skip
 
 

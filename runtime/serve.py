@@ -71,6 +71,11 @@ def add_server_flags(p: argparse.ArgumentParser, exclude: Collection[str] = ()) 
     add(conn, "--max-connections", "open connections; more get 503 and are closed "
         f"(default {d.max_connections})", type=int)  # fmt: skip
     add(conn, "--keep-alive", f"seconds an idle connection stays open (default {d.keep_alive_s})", type=int)
+    lora = p.add_argument_group("LoRA")
+    add(lora, "--lora-dir", "folder of NAME.safetensors LoRAs that requests may name (the loras field, "
+        "<lora:NAME:WEIGHT> prompt tags); unset: LoRAs are refused", type=Path)  # fmt: skip
+    add(lora, "--lora-cache", "prepared LoRA weight sets kept, least recently used dropped "
+        f"(default {d.lora.cache_size})", type=int)  # fmt: skip
     add(p, "--shutdown-grace", "seconds in-flight work may finish after SIGTERM, then JSON 503 "
         f"(default {d.shutdown_grace_s:g})", type=float)  # fmt: skip
     add(p, "--log-level", f"default {d.log_level}", choices=LOG_LEVELS)
@@ -124,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not is_loopback(options.host) and not options.token:
         log.warning("binding %s without --token: anyone who can reach it can generate", options.host)
     try:
-        engine = Engine.open(options.bundle, options.backend, options.engine, verify=options.verify)
+        engine = Engine.open(
+            options.bundle, options.backend, options.engine, verify=options.verify, lora=options.lora
+        )
     except (RequestError, SetupError) as exc:
         return report(log, exc)
     failed: list[BaseException] = []

@@ -135,7 +135,9 @@ class SdrtReplica:
         backend = options.backend
         if backend.backend in THREADED:
             backend = replace(backend, threads=replica_threads(options, cpus))
-        self.engine = Engine.open(options.bundle, backend, options.engine, verify=options.verify)
+        self.engine = Engine.open(
+            options.bundle, backend, options.engine, verify=options.verify, lora=options.lora
+        )
         # Warm-up here, not in the app's lifespan: Ray marks the replica RUNNING (and routes to it)
         # only once the constructor returns, so no request ever meets a cold or half-loaded replica.
         await asyncio.to_thread(self.engine.start)

@@ -131,3 +131,23 @@ def clip_vision_spec(image_size: int, projection: int) -> ModelSpec:
         (TensorSpec("pixel_values", "float32", ("batch", 3, image_size, image_size)),),
         (TensorSpec("image_embeds", "float32", ("batch", projection)),),
     )
+
+
+CLIP_GUIDANCE = "clip_guidance"
+
+
+def clip_guidance_spec(image_size: int, projection: int) -> ModelSpec:
+    """The gradient of CLIP guidance (export/clip_guidance.py): d cos(f(latent), text_embeds) /
+    d latent, f = VAE decoder -> resize_rows · image · resize_colsᵀ (CLIP's resize and centre crop
+    as one linear map, runtime/clip_guidance.py) -> CLIP mean/std -> `clip_vision`."""
+    latent = ("batch", LATENT_CHANNELS, "height", "width")
+    return ModelSpec(
+        CLIP_GUIDANCE,
+        (
+            TensorSpec("latent", "float32", latent),
+            TensorSpec("text_embeds", "float32", ("batch", projection)),
+            TensorSpec("resize_rows", "float32", (image_size, "image_height")),
+            TensorSpec("resize_cols", "float32", (image_size, "image_width")),
+        ),
+        (TensorSpec("grad", "float32", latent),),
+    )

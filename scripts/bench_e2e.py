@@ -13,6 +13,14 @@ UNet backend call, as a share of the step, and with static shapes the compile of
 
     python scripts/bench_e2e.py --bundle bundles/sd15 --size 256x256 --steps 10 --repeats 3
 
+`--lora-rank R` loads a LoRA (random factors, rank R, on the UNet's attention projections, written
+at the bundle's shapes by scripts/bench_e2e_lora.py) in the runtime engines and in diffusers (fused); the
+runtime workers also report the LoRA switch cost (first time, LRU hit, same set as before). The
+few-step LoRA workload of issue #21:
+
+    python scripts/bench_e2e.py --bundle bundles/sd15 --size 256x256 --scheduler lcm --steps 4 \
+        --guidance 1.0 --lora-rank 16 --engines runtime,runtime_openvino,diffusers_fp32
+
 `--img2img S` makes the workload image-to-image at strength S (export/init_images.py's init image,
 diffusers' StableDiffusionImg2ImgPipeline as the baseline; the peers are text-to-image only here and
 are skipped): it reports the UNet calls per image and the VAE encoder's share of a generation.
@@ -43,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bench_e2e_lora import fuse_into_diffusers, lora_files, lora_paths, switch_costs, timed
 from bench_peers import PEERS, timed_runs
 
 from export.compare.cpu import BF16_FLAGS, cpu_flags, cpu_model
@@ -66,7 +75,7 @@ ENGINES = (*RUNTIME_ENGINES, "diffusers_fp32", "diffusers_bf16", *PEERS)
 OV_PEERS = tuple(p for p in PEERS if p != "optimum")  # run from --ov-python on --ov-model
 INT8_PEERS = tuple(p for p in PEERS if "int8" in p)  # on --ov-int8-model
 FP32_PEERS = tuple(p for p in PEERS if "int8" not in p and "bf16" not in p)
-SCHEDULERS = ("ddim", "dpmpp_2m")
+SCHEDULERS = ("ddim", "dpmpp_2m", "lcm")
 # Image quality of an approximation is judged over the bench prompt and these (after the timed runs;
 # --quality-prompts N takes the first N): one image can flatter or wrong a quantizer by a dB or more.
 QUALITY_PROMPTS = (
@@ -114,6 +123,10 @@ def _skip_reason(engine: str, args: argparse.Namespace, cpu: dict[str, Any]) -> 
     """Why an engine is not run here (None: it runs)."""
     if args.img2img is not None and engine in PEERS:
         return "the peers run text-to-image only in this bench (--img2img)"
+    if args.lora_rank and engine in PEERS:
+        return "the peers run without LoRA in this bench (--lora-rank)"
+    if args.scheduler == "lcm" and engine in PEERS:
+        return "this bench runs the peers with DDIM or DPM++ 2M only"
     if engine in INT8_RUNTIMES and not _has_int8(args.bundle):
         return "the bundle has no int8 UNet (python -m export --model MODEL --out BUNDLE --int8)"
     if engine.startswith("openvino_genai") and args.scheduler != "ddim":
@@ -137,6 +150,7 @@ def worker_runtime(
 ) -> dict[str, Any]:
     from runtime.backends import BackendConfig, open_backend
     from runtime.bundle import Bundle
+    from runtime.lora import LoraRef
     from runtime.options import GenerateOptions
     from runtime.pipeline import Pipeline
     from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
@@ -160,6 +174,11 @@ def worker_runtime(
         def prepare(self, models: Any) -> None:
             self.inner.prepare(models)
 
+        def set_weights(self, model: str, weights: Any) -> None:
+            start = time.perf_counter()
+            self.inner.set_weights(model, weights)
+            self.seconds["set_weights"] = self.seconds.get("set_weights", 0.0) + time.perf_counter() - start
+
         def close(self) -> None:
             self.inner.close()
 
@@ -180,6 +199,12 @@ def worker_runtime(
         init_image=None if args.img2img is None else init_image(width, height),
         strength=args.img2img,
     )
+    lora_a, lora_b = (
+        tuple((LoraRef(path, args.lora_scale),) for path in lora_paths(args.json.parent, args.lora_rank))
+        if args.lora_rank
+        else ((), ())
+    )
+    options = replace(options, loras=lora_a)
     overheads: list[float] = []
     images: list[np.ndarray] = []
 
@@ -210,6 +235,13 @@ def worker_runtime(
     result["step_overhead_share"] = {"median": statistics.median(overheads), "max": max(overheads)}
     result["call_median_s"] = {model: statistics.median(c) for model, c in backend.calls.items()}
     result["unet_calls_per_image"] = pipe.denoising_steps(options)
+    if args.lora_rank:  # after the timed runs (LoRA A loaded): alternate with B
+        result["lora_switch"] = switch_costs(
+            lambda loras: timed(lambda: pipe.generate(replace(options, loras=loras))),
+            lora_a,
+            lora_b,
+            lambda: backend.seconds.get("set_weights", 0.0),
+        )
     if args.img2img is not None:  # the encoder's median call against the median generation
         result["encoder_share"] = result["call_median_s"]["vae_encoder"] / result["median_s"]
     shape_cache = getattr(backend.inner, "static", None)
@@ -263,6 +295,7 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
     from diffusers import (
         DDIMScheduler,
         DPMSolverMultistepScheduler,
+        LCMScheduler,
         StableDiffusionImg2ImgPipeline,
         StableDiffusionPipeline,
     )
@@ -283,12 +316,17 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
             c.scheduler_config, algorithm_type="dpmsolver++", solver_order=2
         )
         if args.scheduler == "dpmpp_2m"
+        else LCMScheduler.from_config(c.scheduler_config)
+        if args.scheduler == "lcm"
         else DDIMScheduler.from_config(c.scheduler_config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     ).to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
+    fused_by = None
+    if args.lora_rank:
+        fused_by = fuse_into_diffusers(pipe, lora_paths(args.json.parent, args.lora_rank)[0], args.lora_scale)
     width, height = args.size
 
     workload: dict[str, Any] = {"height": height, "width": width}
@@ -310,7 +348,10 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
         run()
         return time.perf_counter() - t0
 
-    return timed_runs(first, args.repeats, run)
+    result = timed_runs(first, args.repeats, run)
+    if fused_by is not None:
+        result["lora_fused_by"] = fused_by
+    return result
 
 
 def _peer_command(engine: str, args: argparse.Namespace) -> list[str]:
@@ -480,6 +521,11 @@ def main() -> int:
         help="image-to-image at this strength (0 < S <= 1) instead of text-to-image",
     )  # fmt: skip
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument(
+        "--lora-rank", type=int, default=0,
+        help="load a random LoRA of this rank on the UNet's attention projections (0: none)",
+    )  # fmt: skip
+    p.add_argument("--lora-scale", type=float, default=1.0, help="its strength (with --lora-rank)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--engines", default=",".join(ENGINES), help=f"comma list of {', '.join(ENGINES)}")
@@ -522,6 +568,8 @@ def main() -> int:
         p.error(f"--img2img must be a strength with 0 < S <= 1; got {args.img2img:g}")
     if args.timeout <= 0:
         p.error(f"--timeout must be > 0 seconds; got {args.timeout:g}")
+    if args.lora_rank < 0:
+        p.error(f"--lora-rank must be >= 1 (0: no LoRA); got {args.lora_rank}")
     if args.ours is not None and args.ours not in set(engines) & set(RUNTIME_ENGINES):
         run = ", ".join(e for e in engines if e in RUNTIME_ENGINES)
         p.error(f"--ours must be one of the runtime engines run: {run}")
@@ -537,12 +585,17 @@ def main() -> int:
         "scheduler": args.scheduler,
         "cache_interval": args.cache_interval,
         "img2img_strength": args.img2img,
+        "lora_rank": args.lora_rank,
+        "lora_scale": args.lora_scale if args.lora_rank else None,
         "repeats": args.repeats,
         "bundle": str(args.bundle),
         "threads": args.threads,
     }
     results: dict[str, Any] = {}
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.lora_rank:  # written once, read by every worker
+        written = lora_files(args.bundle, args.json.parent, args.lora_rank)
+        workload["lora_files"] = [str(path) for path in written]
     for engine in engines:
         _image_path(args.json, engine).unlink(missing_ok=True)  # never compare a stale image
         reason = _skip_reason(engine, args, cpu)
@@ -560,6 +613,10 @@ def main() -> int:
 
     ours = args.ours or _fastest_runtime(results)
     _print_table(results, ours)
+    for engine, r in results.items():
+        for kind, cost in r.get("lora_switch", {}).items():
+            print(f"{engine} LoRA switch, {kind}: +{cost['extra_s']:.3f} s per image over the same set "
+                  f"(set_weights {cost['set_weights_s']:.3f} s)")  # fmt: skip
     targets = _targets(results, ours) if ours else {}
     parity = _image_parity(args.json, engines)
     for name, q in parity.items():

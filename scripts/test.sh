@@ -7,7 +7,7 @@ bash scripts/bootstrap.sh
 .venv/bin/mypy runtime export engines
 # The TensorRT path cannot run here (no GPU): strict typing is its check on this machine.
 .venv/bin/mypy --strict engines runtime/backends/tensorrt.py runtime/backends/trt_manifest.py \
-  runtime/backends/trt_shapes.py
+  runtime/backends/trt_shapes.py runtime/backends/trt_refit.py
 status=0
 # Two workers (pytest-xdist), whole files per worker: a module's fixtures (a Ray cluster, a server
 # process) stay in one process; the torch-exported tiny bundle is shared through a file lock.

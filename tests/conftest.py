@@ -11,13 +11,19 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.fake_bundle import write_fake_bundle
 
+if TYPE_CHECKING:
+    from export.build import ExportOptions
+
 _INTEGRATION_MODULE = "pytestmark = pytest.mark.integration"
+EXPORTED_BUNDLES = ("tiny_bundle", "tiny_inpaint_bundle", "tiny_guidance_bundle")  # integration fixtures
 
 
 def _unit_run(config: pytest.Config) -> bool:
@@ -41,7 +47,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if {"tiny_bundle", "tiny_inpaint_bundle"} & set(getattr(item, "fixturenames", ())):
+        if set(EXPORTED_BUNDLES) & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.integration)
 
 
@@ -67,16 +73,43 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_inpaint_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny-inpaint preset (a 9-channel inpainting UNet), fp32, exported once like `tiny_bundle`."""
+    from export.build import ExportOptions
+
+    return _export_once(
+        tmp_path_factory,
+        "tiny-inpaint-bundle",
+        lambda out: ExportOptions(model="tiny-inpaint", out=out, precision="fp32", deprojector="none"),
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_guidance_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset with CLIP guidance's gradient graph (`--clip-guidance`), fp32 and fp16, no
+    deprojector; exported once like `tiny_bundle` (its own bundle: the gradient's export takes a minute)."""
+    from export.build import ExportOptions
+
+    return _export_once(
+        tmp_path_factory,
+        "tiny-guidance-bundle",
+        lambda out: ExportOptions(model="tiny", out=out, deprojector="none", clip_guidance=True),
+    )
+
+
+def _export_once(
+    tmp_path_factory: pytest.TempPathFactory, name: str, options: Callable[[Path], ExportOptions]
+) -> Path:
+    """Export `name` once per run, shared by pytest-xdist workers under a file lock (the exporter
+    commits atomically, so a complete manifest means a complete bundle)."""
     from filelock import FileLock
 
-    from export.build import ExportOptions, export_bundle
+    from export.build import export_bundle
 
     base = tmp_path_factory.getbasetemp()
     shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    out = shared / "tiny-inpaint-bundle"
-    with FileLock(str(shared / "tiny-inpaint-bundle.lock")):
+    out = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
         if not (out / "manifest.json").is_file():
-            export_bundle(ExportOptions(model="tiny-inpaint", out=out, precision="fp32", deprojector="none"))
+            export_bundle(options(out))
     return out
 
 

@@ -23,9 +23,9 @@ def open_engine(bundle: Path, max_batch: int = 1) -> Iterator[Engine]:
         yield engine
 
 
-def client_for(engine: Engine, limits: Limits | None = None) -> TestClient:
-    """`limits` None: the server's defaults."""
-    options = ServerOptions() if limits is None else ServerOptions(limits=limits)
+def client_for(engine: Engine, limits: Limits | None = None, lora_dir: Path | None = None) -> TestClient:
+    """`limits` None: the server's defaults; `lora_dir`: its --lora-dir."""
+    options = ServerOptions(limits=limits or Limits(), lora_dir=lora_dir)
     return TestClient(create_app(engine, options, manage_engine=False))
 
 

@@ -106,7 +106,8 @@ def test_cpu_info_reads_model_and_flags(bench: ModuleType, tmp_path: Path) -> No
 
 def _args(**overrides: object) -> argparse.Namespace:
     base = {"force_bf16": False, "optimum_python": None, "ov_python": None, "ov_int8_model": None,
-            "scheduler": "ddim", "cache_interval": 1, "bundle": None, "img2img": None}  # fmt: skip
+            "scheduler": "ddim", "cache_interval": 1, "bundle": None, "img2img": None,
+            "lora_rank": 0}  # fmt: skip
     return argparse.Namespace(**{**base, **overrides})
 
 
@@ -127,6 +128,16 @@ def test_bf16_engines_and_unset_peers_are_skipped_with_a_reason(bench: ModuleTyp
     assert "--ov-int8-model" in bench._skip_reason("optimum_intel_int8_static", int8, has_bf16)
     int8.ov_int8_model = Path("folder")
     assert bench._skip_reason("optimum_intel_int8_static", int8, has_bf16) is None
+
+
+def test_peers_are_skipped_for_the_lora_and_lcm_workloads(bench: ModuleType) -> None:
+    cpu = {"flags": dict.fromkeys(bench.CPU_FLAGS, False)}
+    peers = _args(optimum_python=Path("python"), ov_python=Path("python"))
+    assert "without LoRA" in bench._skip_reason("optimum", _args(lora_rank=16), cpu)
+    assert "DDIM or DPM++ 2M only" in bench._skip_reason("optimum_intel", _args(scheduler="lcm"), cpu)
+    assert bench._skip_reason("optimum", peers, cpu) is None
+    for engine in ("runtime", "runtime_openvino", "diffusers_fp32"):
+        assert bench._skip_reason(engine, _args(lora_rank=16, scheduler="lcm"), cpu) is None
 
 
 def test_int8_and_genai_skips_name_the_cause(bench: ModuleType, fake_bundle_copy: Path) -> None:

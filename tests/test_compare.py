@@ -357,3 +357,28 @@ def test_clip_score_uses_the_models_vision_tower(tmp_path):
         )
     cosine = torch.nn.functional.cosine_similarity(embeds.double(), text.double(), dim=-1)
     assert got == pytest.approx((100 * cosine.clamp(min=0)).tolist(), abs=1e-4)
+
+
+def test_clip_guidance_runs_on_both_sides(tiny_guidance_bundle, tmp_path):
+    """--clip-guidance: each side's guided image, within 2/255 of each other, and CLIP scores side by side."""
+    out = tmp_path / "out"
+    flags = ["--runs", "1", "--no-bf16", "--cache-intervals", "none", "--clip-guidance", "2000"]
+    flags += ["--clip-guidance-skip", "1"]
+    code = main(["--bundle", str(tiny_guidance_bundle), "--out", str(out), *flags, *FAST])
+    report = json.loads((out / "report.json").read_text())
+    g = report["accuracy"]["clip_guidance"]
+    assert code == 0 and g["scale"] == 2000 and g["skip"] == 1
+    assert g["image"]["max_pixel_diff"] <= 2
+    guided, plain = (np.asarray(Image.open(out / f"runtime{suffix}.png"), int) for suffix in ("-guided", ""))
+    assert np.abs(guided - plain).max() > 10, "guidance did not move the image: proves nothing"
+    for score in (g["clip_score"], g["clip_score_unguided"]):
+        assert 0 <= score["pytorch"] <= 100 and abs(score["runtime"] - score["pytorch"]) < 1
+    assert g["runtime"]["stages"]["clip_guidance"] > 0
+    assert "## CLIP guidance" in (out / "report.md").read_text()
+
+
+def test_clip_guidance_needs_the_gradient_graph(tiny_bundle, tmp_path, caplog, capsys):
+    code = main(["--bundle", str(tiny_bundle), "--out", str(tmp_path), "--clip-guidance", "5", *FAST])
+    assert code == 2
+    printed = capsys.readouterr().err + caplog.text
+    assert "--clip-guidance: clip_guidance needs the clip_guidance graph" in printed

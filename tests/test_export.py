@@ -566,6 +566,24 @@ def test_lean_external_data_round_trip(tmp_path: Path, monkeypatch: pytest.Monke
     assert _min_cosine(got, want, per_position=False) >= 0.999
 
 
+def test_lean_spills_large_inline_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trace under 2 GB (weights inline) loads lean too: big tensors go to a side file once, the
+    cleaned and saved model computes what the original does."""
+    monkeypatch.setattr(onnx_io, "SPILL_ABOVE", 1024)
+    path = tmp_path / "m.onnx"
+    onnx.save(onnx.shape_inference.infer_shapes(_tiny_graph()), str(path))  # every tensor inline
+    lean = onnx_io.load_lean(path)
+    spilled = [t.name for t in lean.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    assert spilled == ["big"] and (tmp_path / "m.onnx.lean.data").is_file()
+    out = tmp_path / "out"
+    out.mkdir()
+    assert onnx_io.save(graph.cleanup(lean), out / "m.onnx") is None  # small: one self-contained file
+    graph.check(out / "m.onnx")
+    x = np.random.default_rng(4).standard_normal((2, 8)).astype(np.float32)
+    want, got = (_session(p).run(None, {"x": x})[0] for p in (path, out / "m.onnx"))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_fast_fp16_clamping_equals_the_converters() -> None:
     from onnxruntime.transformers.float16 import convert_np_to_float16
 

@@ -303,7 +303,8 @@ def cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCudart:
     return fake
 
 
-def plan_bytes(bundle: Bundle, model: str, profiles: int) -> bytes:
+def plan_bytes(bundle: Bundle, model: str, profiles: int, extra: dict[str, Any] | None = None) -> bytes:
+    """A fake plan; `extra` fields are added for fakes that read more (tests/test_trt_refit_fake.py)."""
     spec = bundle.models[model].spec
     first = spec.inputs[0].name
     return json.dumps(
@@ -311,21 +312,31 @@ def plan_bytes(bundle: Bundle, model: str, profiles: int) -> bytes:
             "dtypes": {t.name: t.dtype for t in (*spec.inputs, *spec.outputs)},
             "outputs": {t.name: first for t in spec.outputs},
             "profiles": profiles,
+            **(extra or {}),
         }
     ).encode()
 
 
 def build_engines(
-    bundle: Bundle, engine_dir: Path, request: ProfileRequest, plan: bytes | None = None
+    bundle: Bundle,
+    engine_dir: Path,
+    request: ProfileRequest,
+    plan: bytes | None = None,
+    flags: dict[str, Any] = FLAGS,
+    extra: Callable[[str], dict[str, Any]] | None = None,
 ) -> None:
-    """An engine manifest for every model, as `python -m engines.build` on the fake GPU writes it."""
+    """An engine manifest for every model, as `python -m engines.build` on the fake GPU writes it
+    (with these build `flags`; `extra(model)`: more fields for its fake plan)."""
     engine_dir.mkdir(exist_ok=True)
     env = trt_backend.probe_environment()
     entries = {}
     for model in bundle.models:
         profiles = model_profiles(bundle, model, request)
         name = f"{model}.{profile_label(profiles, bundle.vae_scale_factor)}"
-        data = plan if plan is not None and model == "unet" else plan_bytes(bundle, model, len(profiles))
+        fields = extra(model) if extra is not None else None
+        data = plan_bytes(bundle, model, len(profiles), fields)
+        if plan is not None and model == "unet":
+            data = plan
         (engine_dir / f"{name}.plan").write_bytes(data)
         source = source_onnx(bundle, model)
         entries[name] = EngineEntry(
@@ -336,11 +347,11 @@ def build_engines(
             plan_bytes=len(data),
             source=source,
             profiles=profiles,
-            flags=dict(FLAGS),
+            flags=dict(flags),
             settings={"opt_level": None, "workspace_gb": None},
             environment=env,
             build_seconds=1.0,
-            key=cache_key(source, env, profiles, FLAGS),
+            key=cache_key(source, env, profiles, flags),
         )
     save_manifest(engine_dir, entries)
 

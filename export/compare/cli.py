@@ -42,6 +42,8 @@ _FLAGS = {
     "strength": "--img2img/--steps",  # strength x steps runs no step
     "init_image": "--img2img",
     "mask": "--mask",
+    "clip_guidance": "--clip-guidance",
+    "clip_guidance_skip": "--clip-guidance-skip",
 }  # first word of a runtime.options.validate error -> our flag
 DEFAULT_CACHE_INTERVALS = (2, 3, 5)
 
@@ -152,6 +154,22 @@ def parser() -> argparse.ArgumentParser:
         "required for a bundle with an inpainting UNet",
     )
     p.add_argument(
+        "--clip-guidance",
+        type=float,
+        default=0.0,
+        metavar="SCALE",
+        help="also run one CLIP-guided generation on both sides (export/reference_guidance.py for "
+        "PyTorch) and report its image difference and both CLIP scores; text to image, mode standard, "
+        "a bundle exported with --clip-guidance",
+    )
+    p.add_argument(
+        "--clip-guidance-skip",
+        type=int,
+        default=10,
+        metavar="K",
+        help="steps run unguided first (default 10)",
+    )
+    p.add_argument(
         "--threads",
         type=positive_int,
         default=os.cpu_count() or 1,
@@ -227,6 +245,8 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
     """Validate everything that can be checked before a model loads; UsageError names the flag."""
     if args.inpaint and args.img2img is None:
         raise UsageError("--mask needs --img2img STRENGTH: inpainting repaints part of the init image")
+    if args.clip_guidance > 0 and (args.img2img is not None or args.mode != "standard"):
+        raise UsageError("--clip-guidance: the PyTorch reference guides text to image in mode standard only")
     try:
         bundle = Bundle.open(args.bundle)
     except (RequestError, SetupError) as exc:
@@ -279,6 +299,8 @@ def settings_from(args: argparse.Namespace) -> tuple[Settings, Bundle]:
         cache_intervals=_cache_intervals(args.cache_intervals, bundle),
         strength=args.img2img,
         mask=args.inpaint,
+        clip_guidance=resolved.clip_guidance,
+        clip_guidance_skip=resolved.clip_guidance_skip,
     )
     return s, bundle
 

@@ -254,6 +254,46 @@ def _end_to_end(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _score(score: dict[str, Any]) -> tuple[str, str]:
+    """(PyTorch, runtime) CLIP scores, or the reason there are none in both cells."""
+    if "pytorch" not in score:
+        return score["status"], score["status"]
+    return f"{score['pytorch']:.2f}", f"{score['runtime']:.2f}"
+
+
+def _clip_guidance(r: dict[str, Any]) -> list[str]:
+    """--clip-guidance: the guided images of both sides and the CLIP scores with and without."""
+    g = r["accuracy"].get("clip_guidance")
+    if g is None:
+        return []
+    image, runtime = g["image"], g["runtime"]
+    plain = r["speed"]["end_to_end"]["runtime"]["total"]["median_s"]
+    lines = [
+        "## CLIP guidance",
+        "",
+        f"Scale {g['scale']:g}, the first {g['skip']} steps unguided; both sides from the same latents "
+        "(PyTorch: export/reference_guidance.py, autograd through the VAE decoder and the image tower; "
+        "runtime: the bundle's clip_guidance graph). Not gated.",
+        "",
+    ]
+    lines += _table(
+        ["", "PyTorch", "runtime"],
+        [
+            ["CLIP score, unguided", *_score(g["clip_score_unguided"])],
+            ["CLIP score, guided", *_score(g["clip_score"])],
+            ["seconds for the guided image (one run)", _num(g["pytorch_seconds"]), _num(runtime["total_s"])],
+        ],
+    )
+    lines += [
+        "",
+        f"Guided images: max pixel difference {_num(image['max_pixel_diff'])} of 255, PSNR "
+        f"{_num(image['psnr_db'], 4)} dB (`pytorch-guided.png`, `runtime-guided.png`)."
+        + f" The runtime's unguided run: median {_num(plain)} s.",
+        "",
+    ]
+    return lines
+
+
 def _speed(r: dict[str, Any]) -> list[str]:
     sp = r["speed"]
     lines = [
@@ -402,5 +442,8 @@ def _checks(r: dict[str, Any]) -> list[str]:
 
 
 def markdown(r: dict[str, Any]) -> str:
-    sections = [_header(r), _accuracy(r), _end_to_end(r), _speed(r), _bf16(r), _variants(r), _checks(r)]
+    sections = [
+        _header(r), _accuracy(r), _end_to_end(r), _clip_guidance(r), _speed(r), _bf16(r), _variants(r),
+        _checks(r),
+    ]  # fmt: skip
     return "\n".join(line for section in sections for line in section)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
+import torch
 from PIL import Image
 
 from export.compare import figures, torch_ref
@@ -29,6 +30,7 @@ from export.compare.metrics import image_metrics, latent_drift, tensor_metrics, 
 from export.compare.settings import COMPONENTS, PRESETS, Settings, UsageError
 from export.compare.thresholds import Check, Thresholds, evaluate
 from export.compare.timing import Stats, peak_rss_bytes, reset_peak_rss, rss_bytes, time_runs
+from export.reference_guidance import clip_guided
 from runtime.bundle import Bundle
 from runtime.init_image import to_unit
 from runtime.specs import INPAINT_CHANNELS
@@ -261,6 +263,7 @@ def compare(s: Settings, bundle: Bundle, thresholds: Thresholds) -> dict[str, An
                 "pytorch_timesteps": r.run.timesteps,
                 "clip_score": clip_score(ref, s, ref_image, ours_image),
             },
+            "clip_guidance": guided_comparison(ref, s, r, got, worker, ref_image, ours_image),
             "pytorch_bf16_vs_fp32": bf16_context,
             "variants": variants,
         },
@@ -430,6 +433,42 @@ def clip_score(
         "runtime": scores[1],
         "difference": scores[1] - scores[0],
         "source": vision.source,
+    }
+
+
+def guided_comparison(
+    ref: torch_ref.TorchReference,
+    s: Settings,
+    r: Reference,
+    got: dict[str, np.ndarray],
+    worker: dict[str, Any],
+    plain_pytorch: np.ndarray,
+    plain_ours: np.ndarray,
+) -> dict[str, Any] | None:
+    """With --clip-guidance: both sides' guided image from the same latents (PyTorch:
+    export/reference_guidance.py), their difference, and CLIP scores with and without guidance."""
+    if s.clip_guidance <= 0:
+        return None
+    log(f"PyTorch CLIP guidance {s.clip_guidance:g} (skip {s.clip_guidance_skip})")
+    start = time.perf_counter()
+    guided = clip_guided(
+        ref.reference, s.prompt, s.negative, clip_guidance=s.clip_guidance,
+        clip_guidance_skip=s.clip_guidance_skip, steps=s.steps, guidance=s.guidance, seed=s.seed,
+        height=s.height, width=s.width, scheduler=s.scheduler, latents=torch.from_numpy(r.latents),
+    )  # fmt: skip
+    pytorch_s = time.perf_counter() - start
+    pytorch, ours = to_uint8(guided[0]), got["guided/image"]
+    s.out.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pytorch).save(s.out / "pytorch-guided.png")
+    Image.fromarray(ours).save(s.out / "runtime-guided.png")
+    return {
+        "scale": s.clip_guidance,
+        "skip": s.clip_guidance_skip,
+        "image": image_metrics(ours, pytorch),
+        "clip_score": clip_score(ref, s, pytorch, ours),
+        "clip_score_unguided": clip_score(ref, s, plain_pytorch, plain_ours),
+        "pytorch_seconds": pytorch_s,
+        "runtime": worker["clip_guidance"],
     }
 
 

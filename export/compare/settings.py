@@ -45,6 +45,9 @@ class Settings:
     # img2img / inpainting on export/init_images.py's init image at (width, height): None = text to image
     strength: float | None = None  # 0 < strength <= 1
     mask: bool = False  # inpainting with export/init_images.py's mask (needs `strength`)
+    # CLIP guidance (runtime/clip_guidance.py): both sides also run one guided generation; 0 = off
+    clip_guidance: float = 0.0
+    clip_guidance_skip: int = 10
 
     @property
     def workload(self) -> str:

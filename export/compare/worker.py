@@ -12,6 +12,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, cast
@@ -124,11 +125,21 @@ def run(job: Path) -> dict[str, Any]:
     outputs["e2e/timesteps"] = np.asarray(timesteps, dtype=np.float64)
     timed = time_e2e(pipeline, options, s.runs, s.stages)
     variants = {n: run_variant(pipeline, s, e2e, n, outputs) for n in s.cache_intervals}
+    guided = None
+    if s.clip_guidance > 0:  # one run: its image and stage times (pass 2 is "clip_guidance")
+        guided_options = replace(
+            options, clip_guidance=s.clip_guidance, clip_guidance_skip=s.clip_guidance_skip
+        )
+        start = time.perf_counter()
+        guided_result = pipeline.generate(guided_options)
+        guided = {"total_s": time.perf_counter() - start, "stages": guided_result.timings}
+        outputs["guided/image"] = guided_result.images[0]
     np.savez(job / "outputs.npz", **cast(dict[str, Any], outputs))
     return {
         "components": components,
         "e2e": timed,
         "variants": {str(n): v for n, v in variants.items()},
+        "clip_guidance": guided,
         "rss": {"baseline_bytes": baseline, "peak_bytes": peak_rss_bytes(), "peak_reset": peak_tracked},
         "torch_imported": "torch" in sys.modules,
     }

@@ -8,6 +8,7 @@ from typing import Protocol
 import numpy as np
 
 from runtime.errors import SetupError
+from runtime.lora import WeightSet
 from runtime.specs import ModelSpec
 
 
@@ -21,6 +22,12 @@ class Backend(Protocol):
 
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one bundle model on named float32/int32 inputs; returns its named outputs."""
+        ...
+
+    def set_weights(self, model: str, weights: WeightSet | None) -> None:
+        """Run `model` with these merged initializers from the next `run` on (runtime/lora/); None
+        or an empty set: the bundle's own weights, bit for bit. The pipeline calls it between
+        generations only (never while another generation runs the model)."""
         ...
 
     def prepare(self, models: Iterable[str]) -> None:

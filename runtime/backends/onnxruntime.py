@@ -41,6 +41,8 @@ from runtime.backends.loading import (
     writable,
 )
 from runtime.bundle import Bundle
+from runtime.lora import WeightSet
+from runtime.lora.variant import LoraGraph, lora_graph
 from runtime.manifest import FileEntry
 
 log = logging.getLogger(__name__)
@@ -110,6 +112,9 @@ class OrtBackend:
             ShapeCache(self._create_static) if config.static_shapes else None
         )
         self._resident = threading.local()  # per thread: (model, input) -> (array, device copy)
+        # LoRA (runtime/lora/variant.py): a model with a weight set runs its LoRA-capable session
+        self._weights: dict[str, WeightSet] = {}
+        self._lora = BackgroundLoads(bundle, self._create_lora, self._source_path)
 
     def _provider_options(self) -> list[tuple[str, dict[str, str]]]:
         cache = str(self.bundle.root / ".trt_cache")
@@ -206,6 +211,26 @@ class OrtBackend:
         log.debug("loaded %s from %s", model, path)
         return session
 
+    def _create_lora(self, model: str) -> tuple[ort.InferenceSession, LoraGraph]:
+        """The model's LoRA-capable session: its weights are inputs (fully optimised, not cached)."""
+        graph = lora_graph(model, self._verified_source(model))
+        opts = self._session_options()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            session = ort.InferenceSession(graph.onnx, opts, providers=self._provider_options())
+        except Exception as exc:
+            raise BackendError(f"could not load the LoRA graph of {model} ({self.precision}): {exc}") from exc
+        check_provider(session, _PROVIDERS[self.device][0], model)
+        return session, graph
+
+    def set_weights(self, model: str, weights: WeightSet | None) -> None:
+        """Later runs of `model` use its LoRA session fed these weights (None: the plain session)."""
+        if weights is None or not weights.arrays:
+            self._weights.pop(model, None)
+            return
+        self._weights[model] = weights
+        self._lora.start(model)
+
     def _load_path(self, model: str) -> Path:
         cached = self._cache_path(model)
         return cached if self._caches() and cached.is_file() else self.bundle.root / self._source(model).file
@@ -222,7 +247,11 @@ class OrtBackend:
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         entry = checked_entry(self.bundle, model, feeds)
         session = None
-        if self.static is not None:
+        weights = self._weights.get(model)
+        if weights is not None:
+            session, graph = self._lora.get(model)
+            feeds = graph.feeds(feeds, weights)
+        elif self.static is not None:
             self._ready.get(model)  # its errors (integrity) are not a shape's failure
             session = self.static.get(model, input_shapes(entry, feeds))
         if session is None:
@@ -261,6 +290,7 @@ class OrtBackend:
     def close(self) -> None:
         self._sessions.close()
         self._ready.close()
+        self._lora.close()
         if self.static is not None:
             self.static.clear()
         self._resident = threading.local()

@@ -21,6 +21,7 @@ compile runs on the dynamic model, compiled only then.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import threading
@@ -46,6 +47,8 @@ from runtime.backends.loading import (
     writable,
 )
 from runtime.bundle import Bundle
+from runtime.lora import WeightSet
+from runtime.lora.variant import LoraGraph, lora_graph
 from runtime.manifest import FileEntry
 from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW
 
@@ -101,6 +104,10 @@ class OvBackend:
         self._requests = threading.local()  # per thread: model -> InferRequest (not thread-safe)
         self._mapped: dict[str, list[Path]] = {}  # model -> the files its compiled model maps
         self._shapes_seen: set[tuple[object, ...]] = set()
+        # LoRA (runtime/lora/variant.py): a model with a weight set runs its LoRA-capable graph
+        self._weights: dict[str, WeightSet] = {}
+        self._lora = BackgroundLoads(bundle, self._compile_lora, self._load_path)
+        self._lora_requests = threading.local()  # per thread: model -> InferRequest of its LoRA graph
 
     def _model_precision(self, model: str) -> str:
         if self.precision == "bf16":
@@ -189,6 +196,42 @@ class OvBackend:
         self._remember_mapped(model, path)
         return compiled
 
+    def _compile_lora(self, model: str) -> tuple[Any, LoraGraph]:
+        """The model's LoRA-capable graph (weights as inputs), converted from the fp32 or fp16 ONNX
+        file in memory and compiled like the plain one; not cached (it converts in seconds)."""
+        graph = lora_graph(model, self.bundle.verified_path(self._source(model)))
+        ov = _openvino()
+        try:
+            with _CONVERT_LOCK:
+                root_level = logging.getLogger().level
+                try:
+                    converted = ov.convert_model(io.BytesIO(graph.onnx))
+                finally:
+                    logging.getLogger().setLevel(root_level)
+            compiled = self._core.compile_model(converted, "CPU", self._compile_config(model))
+        except Exception as exc:
+            raise BackendError(f"could not load the LoRA graph of {model} ({self.precision}): {exc}") from exc
+        return compiled, graph
+
+    def set_weights(self, model: str, weights: WeightSet | None) -> None:
+        """Later runs of `model` use its LoRA graph fed these weights (None: the plain model)."""
+        if weights is None or not weights.arrays:
+            self._weights.pop(model, None)
+            return
+        if self._bundle_ir(model):
+            raise BackendError(f"{model}: LoRA cannot change the weights of an int8 model; use fp32 or bf16")
+        self._weights[model] = weights
+        self._lora.start(model)
+
+    def _lora_request(self, model: str) -> tuple[Any, LoraGraph]:
+        if not hasattr(self._lora_requests, "by_model"):
+            self._lora_requests.by_model = {}
+        requests: dict[str, tuple[Any, LoraGraph]] = self._lora_requests.by_model
+        if model not in requests:
+            compiled, graph = self._lora.get(model)
+            requests[model] = (compiled.create_infer_request(), graph)
+        return requests[model]
+
     def _compile_shapes(self, model: str, shapes: Shapes) -> _ShapeModel:
         """Read the model (the cached IR: mapped, cheap), fix its inputs to `shapes`, compile."""
         path = self._ready.get(model)  # done: `run` waited for it
@@ -215,10 +258,15 @@ class OvBackend:
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         entry = checked_entry(self.bundle, model, feeds)
         static = None
-        if self.static is not None:
+        weights = self._weights.get(model)
+        if weights is not None:
+            request, graph = self._lora_request(model)
+            feeds = graph.feeds(feeds, weights)
+        elif self.static is not None:
             self._ready.get(model)  # its errors (integrity, conversion) are not a shape's failure
             static = self.static.get(model, input_shapes(entry, feeds))
-        request = self._request(model) if static is None else static.request()
+        if weights is None:
+            request = self._request(model) if static is None else static.request()
         try:
             # share_inputs: no copy of the feeds; outputs are copied out (the request reuses them)
             outputs = request.infer(feeds, share_inputs=True)
@@ -227,7 +275,7 @@ class OvBackend:
             shapes = {k: v.shape for k, v in feeds.items()}
             raise BackendError(f"{model} failed on inputs {shapes}: {exc}") from exc
         shape_key = (model, *(v.shape for v in feeds.values()))
-        if shape_key not in self._shapes_seen:  # a new shape may have repacked weights
+        if weights is None and shape_key not in self._shapes_seen:  # a new shape may have repacked weights
             self._shapes_seen.add(shape_key)
             dropped = drop_mapped_pages(self._mapped[model])
             log.debug("%s: released %.2f GB of mapped weights", model, dropped / 1e9)
@@ -236,6 +284,8 @@ class OvBackend:
     def close(self) -> None:
         self._compiled.close()
         self._ready.close()
+        self._lora.close()
+        self._lora_requests = threading.local()
         if self.static is not None:
             self.static.clear()
         self._requests = threading.local()

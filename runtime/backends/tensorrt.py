@@ -15,6 +15,10 @@ A graph is captured after a plain run of its shapes (which applies TensorRT's de
 updates), in `cudaStreamCaptureModeThreadLocal`, so another thread's CUDA calls (a threaded server)
 neither break the capture nor are broken by it. A failed capture is retried after a growing number
 of plain runs of that shape instead of turning graphs off for good.
+
+LoRA (`set_weights`): engines built with `--refittable` are refitted in place (trt_refit.py), the
+ones loaded now at once and the others when they load; a plan's captured graphs are dropped after
+a refit, so that no replay can run the weights it was captured with.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from runtime.backends.trt_manifest import (
     source_onnx,
     stale_reasons,
 )
+from runtime.backends.trt_refit import NotRefittable, refit
 from runtime.backends.trt_shapes import (
     NoProfile,
     Shape,
@@ -57,6 +62,8 @@ from runtime.backends.trt_shapes import (
     profile_arguments,
 )
 from runtime.bundle import Bundle
+from runtime.lora import WeightSet
+from runtime.lora.graph import read_initializers
 from runtime.specs import ModelSpec
 
 if TYPE_CHECKING:
@@ -64,6 +71,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LOG_TAIL = 30  # TensorRT log lines kept for an error report
 GRAPH_CACHE_SIZE = 8  # CUDA graphs kept per plan: (profile, shapes) keys, least recently used dropped
 CAPTURE_RETRY_AFTER = 4  # plain runs of a shape before its failed capture is tried again ...
 CAPTURE_RETRY_MAX = 256  # ... doubling after each failure, up to this many
@@ -325,6 +333,7 @@ class _TrtPlan:
         self.graphs: OrderedDict[GraphKey, _Graph] = OrderedDict()
         self.capture_waits: dict[GraphKey, tuple[int, int]] = {}  # key -> (failures, plain runs to wait)
         self.buffers: dict[str, _Buffer] = {}  # none yet while _buffer_sizes switches profiles
+        self.lora_names: frozenset[str] = frozenset()  # weights refitted away from the plan's own
 
         data = plan.read_bytes()
         if hashlib.sha256(data).hexdigest() != entry.plan_sha256:
@@ -493,6 +502,11 @@ class _TrtPlan:
             self._forget(next(iter(self.graphs)))
         log.debug("%s: captured a CUDA graph for profile %d, %s", self.entry.name, key[0], self.shapes)
 
+    def forget_graphs(self) -> None:
+        """Destroy every captured graph (after a refit), so the next runs capture afresh."""
+        for key in list(self.graphs):
+            self._forget(key)
+
     def _forget(self, key: GraphKey, failed: bool = False) -> None:
         """Destroy the graph cached for `key`; one whose replay failed is captured again only
         after the back-off a failed capture gets."""
@@ -560,6 +574,9 @@ class TrtBackend:
         self._stream: Any = None
         self._logger: trt.ILogger | None = None
         self._runtime: trt.Runtime | None = None
+        self._log_tail: deque[str] = deque(maxlen=LOG_TAIL)
+        self._weights: dict[str, WeightSet] = {}  # model -> the LoRA set its engines must hold
+        self._originals: dict[str, dict[str, np.ndarray]] = {}  # model -> original weights read so far
 
     def _usable_entries(self) -> dict[str, list[EngineEntry]]:
         """Engines per model; refuses (with the rebuild command) if any is missing, stale or foreign."""
@@ -605,7 +622,7 @@ class TrtBackend:
                 self._stream = cuda_call(
                     rt.cudaStreamCreateWithFlags(rt.cudaStreamNonBlocking), "cudaStreamCreate"
                 )
-                self._logger = make_logger()
+                self._logger = make_logger(self._log_tail)
                 self._runtime = trt.Runtime(self._logger)
             assert self._runtime is not None
             try:
@@ -616,7 +633,75 @@ class TrtBackend:
                 command = build_command(self.bundle.root, self.engine_dir, stale_only=True)
                 raise StalePlan(f"{exc}\nrebuild it with: {command}") from exc
             log.info("loaded TensorRT engine %s", entry.name)
+            if entry.model in self._weights:  # a LoRA set was chosen before this engine loaded
+                self._refit(self._plans[entry.name])
         return self._plans[entry.name]
+
+    def set_weights(self, model: str, weights: WeightSet | None) -> None:
+        """Refit `model`'s engines to these merged weights (None or empty: the bundle's own).
+        Engines built without `--refittable` refuse a LoRA set, naming the rebuild command."""
+        if model not in self.entries:
+            raise BackendError(f"bundle {self.bundle.root} has no {model} model")
+        wanted = weights if weights is not None and weights.arrays else None
+        if wanted is not None:
+            plain = [e.name for e in self.entries[model] if not e.flags.get("refittable")]
+            if plain:
+                command = build_command(self.bundle.root, self.engine_dir, False, ["--refittable", "--force"])
+                raise NotRefittable(
+                    f"LoRA on TensorRT needs engines built with --refittable; {', '.join(plain)} "
+                    f"{'was' if len(plain) == 1 else 'were'} built without it: rebuild with: {command}"
+                )
+        with self._lock:
+            if wanted is None:
+                self._weights.pop(model, None)
+            else:
+                self._weights[model] = wanted
+            cuda_call(cudart().cudaSetDevice(self.device_id), "cudaSetDevice")
+            for entry in self.entries[model]:
+                plan = self._plans.get(entry.name)
+                if plan is not None:
+                    self._refit(plan)
+
+    def _refit(self, plan: _TrtPlan) -> None:
+        """Bring one loaded plan to its model's chosen LoRA set (under the lock). On failure every
+        loaded plan of the model is dropped (loading one again gives the original weights) and the
+        model is back to its own weights."""
+        model = plan.entry.model
+        chosen = self._weights.get(model)
+        arrays = dict(chosen.arrays) if chosen is not None else {}
+        restored = plan.lora_names - arrays.keys()
+        if not arrays and not restored:
+            return
+
+        def originals(names: Iterable[str]) -> dict[str, np.ndarray]:
+            return self._original(model, names)
+
+        try:
+            refit(plan.engine, plan.entry.name, arrays, restored, originals, self._logger, self._log_tail)
+        except BackendError:
+            self._weights.pop(model, None)
+            for entry in self.entries[model]:
+                dropped = self._plans.pop(entry.name, None)
+                for problem in dropped.close() if dropped is not None else []:
+                    log.warning("%s: %s", entry.name, problem)
+            raise
+        plan.lora_names = frozenset(arrays)
+        plan.forget_graphs()
+        log.info("refitted %s: %d LoRA weights, %d restored", plan.entry.name, len(arrays), len(restored))
+
+    def _original(self, model: str, names: Iterable[str]) -> dict[str, np.ndarray]:
+        """The bundle's own values of these weights, from the fp16 ONNX the engines were built from;
+        copied to host memory once, so a later restore reads no file."""
+        have = self._originals.setdefault(model, {})
+        needed = [name for name in names if name not in have]
+        if needed:
+            path = self.bundle.verified_path(self.bundle.graph(model, PRECISION))
+            try:
+                read = read_initializers(path, needed)
+            except KeyError as exc:
+                raise BackendError(f"{path} has no initializer {exc} that the engine asks for") from None
+            have.update({name: np.array(value) for name, value in read.items()})
+        return {name: have[name] for name in names}
 
     def run(self, model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         model_entry = self.bundle.models.get(model)
@@ -666,5 +751,6 @@ class TrtBackend:
             if self._stream is not None:
                 problems += _attempt(rt.cudaStreamDestroy, "cudaStreamDestroy", self._stream)
             self._stream = self._runtime = self._logger = None
+            self._originals.clear()  # a backend opened again reads them again
         if problems:
             raise BackendError("closing the TensorRT backend: " + "; ".join(problems))

@@ -11,7 +11,7 @@ process, says why, and names the command that rebuilds it.
         "model": "unet", "plan": "unet.b1-8.512x512.plan", "plan_sha256": ..., "plan_bytes": ...,
         "source": {"file": "unet.fp16.onnx", "sha256": ..., "external_data_sha256": ... | null},
         "profiles": [{"batch": {"min": 1, "opt": 2, "max": 8}, "height": {...}, ...}],
-        "flags": {"precision": "fp16", "strongly_typed": true},
+        "flags": {"precision": "fp16", "strongly_typed": true},   (+ "refittable": true: --refittable)
         "settings": {"opt_level": 3 | null, "workspace_gb": 8.0 | null},
         "environment": {"tensorrt": "10.16.1.11", "tensorrt_cuda": "cu13",
                         "cuda_runtime": "13.0", "cuda_driver": "13.0",

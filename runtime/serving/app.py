@@ -182,7 +182,7 @@ def create_app(
     )
     async def generate_v1(body: GenerateRequest, request: Request) -> Response:
         def resolve() -> ResolvedOptions:  # RequestError: 422 (on_bad_request)
-            return prepare(body.to_options(), engine, limits)
+            return prepare(body.to_options(options.lora_dir), engine, limits)
 
         # Decoding and resizing an init image takes CPU time: not on the event loop.
         resolved = await asyncio.to_thread(resolve) if body.has_images else resolve()
@@ -207,5 +207,7 @@ def create_app(
         )
         return JSONResponse(payload.model_dump())
 
-    app.include_router(build_router(engine, limits, options.model_name, backend_name, auth, _record))
+    app.include_router(
+        build_router(engine, limits, options.model_name, backend_name, auth, _record, options.lora_dir)
+    )
     return app

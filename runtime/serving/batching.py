@@ -2,7 +2,7 @@
 
 Only requests whose merged run gives each of them exactly the images it would get alone are
 merged: one prompt each; equal size, steps, guidance, scheduler, mode, compose settings and
-cache interval and clip_score;
+cache interval, clip_score and LoRA set;
 a deterministic scheduler (an ancestral one draws per-step noise from the call's seed + row,
 which a merge would reassign); truncated prompts (chunked prompts pad to the longest in a call);
 no caller-supplied latents, no init image. Each request's initial noise is drawn from its own seeds here, the
@@ -32,7 +32,8 @@ def batch_key(options: ResolvedOptions, bundle: Bundle) -> Hashable | None:
     if make_scheduler(o.scheduler, bundle.scheduler_config).stochastic:
         return None
     return (o.height, o.width, o.steps, o.cfg_scale, o.scheduler, o.mode, o.compose_mode, o.normalize,
-            o.num_images, o.cache_interval, o.clip_score)  # fmt: skip
+            o.num_images, o.cache_interval, o.clip_score, o.loras, o.clip_guidance,
+            o.clip_guidance_skip)  # fmt: skip
 
 
 def merge(batch: list[ResolvedOptions], bundle: Bundle) -> ResolvedOptions:

@@ -28,6 +28,7 @@ from types import TracebackType
 from runtime.backends.config import THREADED, BackendConfig
 from runtime.bundle import Bundle
 from runtime.errors import RequestError, SetupError
+from runtime.lora import LoraSettings
 from runtime.options import MAX_IMAGES, GenerateOptions, ResolvedOptions, validate
 from runtime.pipeline import Cancelled, Pipeline, Result
 from runtime.serving.batching import batch_key, merge, split
@@ -152,15 +153,16 @@ class Engine:
         backend: BackendConfig | None = None,
         config: EngineConfig | None = None,
         verify: str = "stamp",
+        lora: LoraSettings | None = None,
     ) -> Engine:
         """Load the bundle (checked as `verify` says: runtime.bundle.VERIFY_MODES); a CPU backend
-        without `threads` gets default_threads(workers)."""
+        without `threads` gets default_threads(workers); `lora`: the pipeline's LoRA cache."""
         config = config or EngineConfig()
         bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle, verify=verify)
         backend = (backend or BackendConfig()).validate()
         if backend.backend in THREADED and backend.threads is None:
             backend = replace(backend, threads=default_threads(config.workers))
-        return cls(Pipeline(bundle, backend), config)
+        return cls(Pipeline(bundle, backend, lora=lora or LoraSettings()), config)
 
     @property
     def bundle(self) -> Bundle:

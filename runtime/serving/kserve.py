@@ -3,11 +3,13 @@
 One model (default name "sdrt", version "1"). Inputs: `prompt` BYTES [1] (required), optional
 one-element `negative_prompt`, `scheduler`, `mode`, `compose_mode`, `long_prompt`, `mask_mode`,
 `resize_mode`, `cfg_convention` (BYTES), `steps`, `seed`, `width`, `height`, `num_images`, `cache_interval`,
-`mask_blur` (any INT/UINT type), `guidance`, `strength` (FP16/32/64), `normalize`, `clip_score`
-(BOOL).
+`mask_blur`, `clip_guidance_skip` (any INT/UINT type), `guidance`, `strength`, `clip_guidance`
+(FP16/32/64), `normalize`, `clip_score` (BOOL).
 img2img / inpainting: optional `init_image` and `mask`, each either BYTES [1] holding an image
 file (PNG, JPEG, WebP: raw bytes in the binary tensor extension, base64 text in JSON `data`), or
 the pixels as UINT8, [H, W, 3] RGB for `init_image` and [H, W] for `mask` (white = repaint).
+LoRAs: optional `loras` BYTES [N], one element per LoRA of the server's --lora-dir, `NAME` or
+`NAME:SCALE` (the /v1 field `loras`; `<lora:NAME:WEIGHT>` tags in the prompt work too).
 Outputs: `image` UINT8 [N, H, W, 3], `seed` INT64 [N] and `parameters` BYTES [N] (each image's
 A1111 text, as in its PNG); with `clip_score` true also `clip_score` FP32 [N] (each image's CLIP
 score, 0-100), which only such a request may name in its `outputs`. Request parameter `timeout`
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,11 +49,14 @@ from runtime.serving.kserve_codec import (
     encode_response,
 )
 from runtime.serving.limits import Limits
+from runtime.serving.loras import request_loras
 
 VERSION = "1"
 _STRINGS = ("prompt", "negative_prompt", "scheduler", "mode", "compose_mode", "long_prompt", "mask_mode",
             "resize_mode", "cfg_convention")  # fmt: skip
-_INTS = ("steps", "seed", "width", "height", "num_images", "cache_interval", "mask_blur")
+_INTS = ("steps", "seed", "width", "height", "num_images", "cache_interval", "mask_blur",
+         "clip_guidance_skip")  # fmt: skip
+LORAS = "loras"
 IMAGES = {"init_image": [-1, -1, 3], "mask": [-1, -1]}  # name -> its shape as a UINT8 pixel tensor
 INPUTS = {
     **{name: "BYTES" for name in _STRINGS},
@@ -58,9 +64,11 @@ INPUTS = {
     "seed": "INT64",
     "guidance": "FP32",
     "strength": "FP32",
+    "clip_guidance": "FP32",
     "normalize": "BOOL",
     "clip_score": "BOOL",
     **{name: "BYTES" for name in IMAGES},  # an image file; UINT8 pixels are accepted too
+    LORAS: "BYTES",  # [N]: NAME or NAME:SCALE per element
 }  # name -> the datatype the metadata advertises (other widths of the same kind are accepted)
 OUTPUTS = {
     "image": ("UINT8", [-1, -1, -1, 3]),
@@ -144,18 +152,45 @@ def _image(name: str, spec: InferTensor, value: Tensor) -> np.ndarray:
     return check_array(value.reshape(spec.shape), name, mask)
 
 
-def options_from_inputs(specs: dict[str, InferTensor], values: dict[str, Tensor]) -> GenerateOptions:
+def _loras(spec: InferTensor, value: Tensor) -> list[tuple[str, float]]:
+    """The `loras` input: (name, scale) per element, `NAME` or `NAME:SCALE` (scale 1.0 when left out)."""
+    if spec.datatype != "BYTES" or len(spec.shape) != 1:
+        raise CodecError(f"input {LORAS} must be BYTES with shape [N]; got {spec.datatype} {spec.shape}")
+    assert isinstance(value, list)
+    named = []
+    for i, element in enumerate(value):
+        try:
+            text = bytes(element).decode("utf-8")
+        except UnicodeDecodeError:
+            raise RequestError(f"input {LORAS}[{i}] must be valid UTF-8 text") from None
+        name, sep, scale = text.rpartition(":")
+        if not sep:
+            named.append((text, 1.0))
+            continue
+        try:
+            named.append((name, float(scale)))
+        except ValueError:
+            raise RequestError(f"input {LORAS}[{i}] must be NAME or NAME:SCALE; got {text!r:.80}") from None
+    return named
+
+
+def options_from_inputs(
+    specs: dict[str, InferTensor], values: dict[str, Tensor], lora_dir: Path | None = None
+) -> GenerateOptions:
     unknown = sorted(set(values) - set(INPUTS))
     if unknown:
         raise CodecError(f"unknown input(s) {', '.join(unknown)}; this model takes {', '.join(INPUTS)}")
     if "prompt" not in values:
         raise CodecError("input prompt (BYTES, shape [1]) is required")
-    args = {name: _one(name, specs[name], value) for name, value in values.items() if name not in IMAGES}
+    named = _loras(specs[LORAS], values[LORAS]) if LORAS in values else []
+    single = (name for name in values if name not in IMAGES and name != LORAS)
+    args = {name: _one(name, specs[name], values[name]) for name in single}
+    prompt, loras = request_loras(args.pop("prompt"), named, lora_dir, LORAS)
     # the images last: every cheap check has passed before one is decoded
     args |= {name: _image(name, specs[name], value) for name, value in values.items() if name in IMAGES}
     negative = args.pop("negative_prompt", "")
     return GenerateOptions(
-        prompts=(args.pop("prompt"),), negative_prompts=(negative,) if negative else (), **args
+        prompts=(prompt,), negative_prompts=(negative,) if negative else (), loras=loras, **args
     )
 
 
@@ -183,6 +218,7 @@ def build_router(
     backend: str,
     auth: Any,
     on_done: Callable[[Result, int], None] | None = None,
+    lora_dir: Path | None = None,
 ) -> APIRouter:
     """Routes under /v2; metadata and inference need the bearer token when one is set."""
     router = APIRouter(prefix="/v2", tags=["kserve v2"])
@@ -220,7 +256,9 @@ def build_router(
             "name": model,
             "versions": [VERSION],
             "platform": f"sdrt_{backend}",
-            "inputs": [{"name": n, "datatype": d, "shape": [1]} for n, d in INPUTS.items()],
+            "inputs": [
+                {"name": n, "datatype": d, "shape": [-1] if n == LORAS else [1]} for n, d in INPUTS.items()
+            ],
             "outputs": [{"name": n, "datatype": d, "shape": s} for n, (d, s) in OUTPUTS.items()],
         }
 
@@ -255,7 +293,8 @@ def build_router(
                 parsed, specs, values = decode_request(body, request.headers.get(HEADER_LENGTH))
                 scored = SCORED in values and _one(SCORED, specs[SCORED], values[SCORED]) is True
                 names, binary = _wanted_outputs(parsed, scored)
-                return parsed, names, binary, prepare(options_from_inputs(specs, values), engine, limits)
+                options = options_from_inputs(specs, values, lora_dir)
+                return parsed, names, binary, prepare(options, engine, limits)
             except CodecError as exc:  # not a well-formed v2 request; bad values (RequestError) are 422
                 raise HTTPException(400, str(exc)) from None
 

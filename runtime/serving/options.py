@@ -18,6 +18,7 @@ from typing import Any
 from runtime.backends.config import BackendConfig
 from runtime.bundle import VERIFY_MODES
 from runtime.errors import RequestError
+from runtime.lora import MAX_CACHE_SIZE, LoraSettings
 from runtime.serving.checks import SettingError, choice_in, int_in, number_in
 from runtime.serving.engine import EngineConfig
 from runtime.serving.limits import Limits
@@ -43,6 +44,10 @@ class ServerOptions:
     # 503 and closed at once; an idle keep-alive connection is closed after keep_alive_s.
     max_connections: int = 128
     keep_alive_s: int = 5
+    # LoRAs: requests name NAME.safetensors files in this folder (None: LoRAs are refused); the
+    # pipeline keeps `lora.cache_size` prepared weight sets (runtime/lora/).
+    lora_dir: Path | None = None
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
     def validate(self) -> ServerOptions:
         """These options with backend defaults resolved; RequestError naming the setting and its range."""
@@ -67,7 +72,10 @@ class ServerOptions:
         choice_in("log_level", self.log_level, LOG_LEVELS)
         int_in("max_connections", self.max_connections, 1, 65535)
         int_in("keep_alive", self.keep_alive_s, 1, 3600)
-        return replace(self, backend=backend, engine=engine, limits=limits)
+        if self.lora_dir is not None and (not isinstance(self.lora_dir, Path) or not self.lora_dir.is_dir()):
+            raise SettingError("lora_dir", f"must be an existing folder; got {str(self.lora_dir)!r:.80}")
+        int_in("lora_cache", self.lora.cache_size, 1, MAX_CACHE_SIZE)
+        return replace(self, backend=backend, engine=engine, limits=limits, lora=self.lora.validate())
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any], exclude: Collection[str] = ()) -> ServerOptions:
@@ -88,7 +96,8 @@ class ServerOptions:
             return replace(default, **{f.name: v[f.name] for f in fields(default) if f.name in v})
 
         d = cls()  # the flat key `backend` names BackendConfig.backend: the nested configs are set last
-        return replace(given(d), backend=given(d.backend), engine=given(d.engine), limits=given(d.limits))
+        nested = {"backend": d.backend, "engine": d.engine, "limits": d.limits, "lora": d.lora}
+        return replace(given(d), **{name: given(default) for name, default in nested.items()})
 
 
 # Flat keys whose dataclass field is named otherwise (a unit suffix).
@@ -97,6 +106,7 @@ _FIELD_NAMES = {
     "read_timeout": "read_timeout_s",
     "shutdown_grace": "shutdown_grace_s",
     "keep_alive": "keep_alive_s",
+    "lora_cache": "cache_size",
 }
 
 
@@ -129,6 +139,8 @@ KINDS: dict[str, tuple[type, bool]] = {
     "log_level": (str, False),
     "max_connections": (int, False),
     "keep_alive": (int, False),
+    "lora_dir": (Path, True),
+    "lora_cache": (int, False),
 }
 SERVER_KEYS = tuple(KINDS)
 _WHAT = {bool: "true or false", int: "an integer", float: "a number", str: "a string", Path: "a path"}

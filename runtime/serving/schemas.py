@@ -7,13 +7,16 @@ allowed values are written once. The enums below only document them in the schem
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from runtime.clip_guidance import DEFAULT_SKIP
 from runtime.errors import RequestError
 from runtime.guidance import CFG_CONVENTIONS
 from runtime.init_image import RESIZE_MODES
+from runtime.lora import MAX_SCALE
 from runtime.options import (
     COMPOSE_MODES,
     DEFAULT_STRENGTH,
@@ -27,6 +30,7 @@ from runtime.options import (
 )
 from runtime.schedulers import SCHEDULERS
 from runtime.serving.images import image_from_base64
+from runtime.serving.loras import MAX_LORAS, request_loras
 from runtime.tokenizer import LONG_PROMPT_MODES
 
 _EXAMPLES: list[Any] = [
@@ -34,6 +38,15 @@ _EXAMPLES: list[Any] = [
      "seed": 1, "size": "512x512", "scheduler": "dpmpp_2m_karras"},
     {"prompt": "cat, (maid:1.3)", "mode": "compose", "steps": 20, "seed": 7, "width": 512, "height": 512},
 ]  # fmt: skip
+
+
+class LoraEntry(BaseModel):
+    """One LoRA the server offers (a NAME.safetensors file in its --lora-dir) and its strength."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="the file's name without .safetensors; a name, never a path")
+    scale: float = Field(1.0, strict=True, description=f"strength, finite, |scale| <= {MAX_SCALE:g}")
 
 
 class GenerateRequest(BaseModel):
@@ -110,6 +123,21 @@ class GenerateRequest(BaseModel):
         description="score each image against the prompt: 100 x max(cosine of CLIP's image and text "
         "embeddings, 0), in `clip_scores` and the infotext; needs a bundle with CLIP's image tower",
     )
+    clip_guidance: float = Field(
+        0.0,
+        strict=True,
+        description="UPainting-style CLIP guidance scale, 0 (off) to 1e6: a second pass from the same "
+        "noise whose prediction is corrected toward the prompt's CLIP embedding; needs a bundle "
+        "exported with --clip-guidance",
+    )
+    clip_guidance_skip: int = Field(
+        DEFAULT_SKIP, strict=True, description="steps run without the CLIP guidance correction first"
+    )
+    loras: list[LoraEntry] = Field(
+        default_factory=list,
+        description=f"LoRAs from the server's --lora-dir, applied in order (at most {MAX_LORAS}, "
+        "<lora:NAME:WEIGHT> tags in the prompt included; A1111's tags are read from the prompt only)",
+    )
     timeout: float | None = Field(
         None, gt=0, description="seconds until the server gives up (capped by its --timeout)"
     )
@@ -126,18 +154,21 @@ class GenerateRequest(BaseModel):
     def has_images(self) -> bool:
         return self.init_image is not None or self.mask is not None
 
-    def to_options(self) -> GenerateOptions:
-        """The request as GenerateOptions, its images decoded (RequestError naming a bad one)."""
+    def to_options(self, lora_dir: Path | None = None) -> GenerateOptions:
+        """The request as GenerateOptions, its images decoded and its LoRAs (`loras`, prompt tags)
+        found in `lora_dir` (RequestError naming a bad one)."""
+        prompt, loras = request_loras(self.prompt, [(e.name, e.scale) for e in self.loras], lora_dir)
         init_image = None if self.init_image is None else image_from_base64(self.init_image, "init_image")
         mask = None if self.mask is None else image_from_base64(self.mask, "mask", mask=True)
         return options_from(
             {**dict(self), "size": self.size_pair()},
-            prompts=(self.prompt,),
+            prompts=(prompt,),
             negative_prompts=(self.negative_prompt,) if self.negative_prompt else (),
             guidance=float(self.guidance),
             strength=None if self.strength is None else float(self.strength),
             init_image=init_image,
             mask=mask,
+            loras=loras,
         )
 
 
@@ -166,6 +197,9 @@ class GenerationParameters(BaseModel):
     mask_blur: int | None = Field(None, description="with a mask; else null")
     mask_mode: str | None = Field(None, description="with a mask: unet or blend (auto resolved); else null")
     clip_score: bool = Field(False, description="whether CLIP scores were asked for")
+    clip_guidance: float = Field(0.0, description="the CLIP guidance scale (0: off)")
+    clip_guidance_skip: int = Field(DEFAULT_SKIP, description="steps run without CLIP guidance first")
+    loras: list[LoraEntry] = Field(default_factory=list, description="the LoRAs applied, tags included")
 
     @classmethod
     def from_options(cls, o: ResolvedOptions) -> GenerationParameters:
@@ -192,6 +226,9 @@ class GenerationParameters(BaseModel):
             mask_blur=None if o.mask is None else o.mask_blur,
             mask_mode=o.mask_mode if o.mask is not None else None,
             clip_score=o.clip_score,
+            clip_guidance=o.clip_guidance,
+            clip_guidance_skip=o.clip_guidance_skip,
+            loras=[LoraEntry(name=ref.path.stem, scale=ref.scale) for ref in o.loras],
         )
 
 
@@ -203,7 +240,7 @@ class GenerateResponse(BaseModel):
     infotexts: list[str] = Field(description="per image: the PNG's 'parameters' text")
     parameters: GenerationParameters
     timings: dict[str, float] = Field(
-        description="seconds per stage: text, (encode,) denoise, decode (, clip_score)"
+        description="seconds per stage: text, (encode,) denoise, (clip_guidance,) decode (, clip_score)"
     )
     clip_scores: list[float] | None = Field(
         None, description="per image, with clip_score: 100 x max(cos(image, prompt), 0); else null"
