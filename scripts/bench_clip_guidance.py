@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from export.compare.cpu import cpu_flags, cpu_model
+from export.compare.cpu import cpu_summary
 from runtime.backends import BACKENDS, BackendConfig
 from runtime.cli import positive_int, size_argument
 from runtime.errors import EXIT_REQUEST, EXIT_SETUP, RequestError, SetupError
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RequestError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REQUEST if isinstance(exc, RequestError) else EXIT_SETUP
-    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))) or "none"
-    print(f"CPU: {cpu_model()}; flags: {flags}")
+    print(cpu_summary())
     print(f"unguided {cost.unguided_s:.2f} s, guided {cost.guided_s:.2f} s ({cost.ratio:.2f}x; second pass "
           f"{cost.second_pass_s:.2f} s): {args.steps} {args.scheduler} steps, scale {args.clip_guidance:g}, "
           f"skip {args.clip_guidance_skip}, {args.backend}, median of {args.runs}")  # fmt: skip

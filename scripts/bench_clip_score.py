@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from export.compare.cpu import cpu_flags, cpu_model
+from export.compare.cpu import cpu_summary
 from runtime.backends import BACKENDS, BackendConfig
 from runtime.cli import positive_int, size_argument
 from runtime.errors import EXIT_REQUEST, EXIT_SETUP, RequestError, SetupError
@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RequestError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_REQUEST if isinstance(exc, RequestError) else EXIT_SETUP
-    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))) or "none"
-    print(f"CPU: {cpu_model()}; flags: {flags}")
+    print(cpu_summary())
     print(f"clip_score {cost.clip_score_s:.4f} s of {cost.generation_s:.3f} s per generation "
           f"({100 * cost.fraction:.2f} %): {args.num_images} image(s), {args.steps} steps, "
           f"{args.backend}, median of {args.runs}")  # fmt: skip

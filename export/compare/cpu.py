@@ -36,3 +36,9 @@ def bf16_instructions(flags: frozenset[str] | None = None) -> list[str]:
     """The native bf16 instruction sets among `flags` (this CPU's by default)."""
     have = cpu_flags() if flags is None else flags
     return [f for f in BF16_FLAGS if f in have]
+
+
+def cpu_summary() -> str:
+    """One line for a benchmark's output: the CPU model and its vector / matrix flags."""
+    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))) or "none"
+    return f"CPU: {cpu_model()}; flags: {flags}"
