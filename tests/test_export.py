@@ -42,6 +42,7 @@ from runtime.files import sha256_file
 from runtime.integrity import STAMP_NAME
 from runtime.manifest import FORMAT_VERSION, DimRange, Manifest, VisionManifest
 from runtime.specs import (
+    CLIP_GUIDANCE,
     CLIP_VISION,
     clip_spec,
     clip_vision_spec,
@@ -56,7 +57,8 @@ pytestmark = pytest.mark.integration  # exports with torch
 HIDDEN = 64  # tiny preset
 VISION_SIZE = 32  # the tiny preset's CLIP image tower: 32x32 pixels, embeds of the text projection's width
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-DEFAULT_MODELS = tuple(n for n in MODEL_NAMES if n not in DEEPCACHE_MODELS)  # export without --deepcache
+# export without --deepcache or --clip-guidance (both opt-in)
+DEFAULT_MODELS = tuple(n for n in MODEL_NAMES if n not in (*DEEPCACHE_MODELS, CLIP_GUIDANCE))
 # What the runtime writes into a bundle it runs: backends' derived graphs, the integrity stamp.
 CACHES = (".ort_cache", ".ov_cache", STAMP_NAME)
 
