@@ -76,6 +76,7 @@ OV_PEERS = tuple(p for p in PEERS if p != "optimum")  # run from --ov-python on 
 INT8_PEERS = tuple(p for p in PEERS if "int8" in p)  # on --ov-int8-model
 FP32_PEERS = tuple(p for p in PEERS if "int8" not in p and "bf16" not in p)
 SCHEDULERS = ("ddim", "dpmpp_2m", "lcm")
+DEFAULT_PROMPT = "cat maid"
 # Image quality of an approximation is judged over the bench prompt and these (after the timed runs;
 # --quality-prompts N takes the first N): one image can flatter or wrong a quantizer by a dB or more.
 QUALITY_PROMPTS = (
@@ -501,7 +502,7 @@ def _targets(results: dict[str, Any], ours: str) -> dict[str, dict[str, Any]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", type=Path, required=True)
-    p.add_argument("--prompt", default="cat maid")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--size", type=size_argument, default=(256, 256))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")

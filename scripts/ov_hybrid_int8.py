@@ -21,15 +21,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+# Calibration captions: none is the bench's prompt or one of its quality prompts (bench_e2e.py
+# QUALITY_PROMPTS; tests/test_bench_e2e.py checks), so the peer is not judged on what it calibrated on.
 CAPTIONS = [
-    "a photo of a cat wearing a maid outfit",
-    "a red vintage car parked on a rainy street at night",
-    "a bowl of fruit on a wooden table, still life painting",
     "a mountain lake at sunrise with mist over the water",
-    "portrait of an old fisherman, detailed, dramatic lighting",
-    "a futuristic city skyline with flying cars",
-    "a watercolor drawing of a fox in a snowy forest",
     "an astronaut riding a horse on the moon",
+    "a cozy kitchen with copper pots and morning light",
+    "a lighthouse on a rocky coast during a storm",
+    "a child flying a kite on a windy beach",
+    "an ancient library with tall wooden shelves",
+    "a plate of sushi on a black slate board",
+    "a mountain village at dusk with warm lights in the windows",
 ]
 
 

@@ -140,6 +140,22 @@ def test_peers_are_skipped_for_the_lora_and_lcm_workloads(bench: ModuleType) -> 
         assert bench._skip_reason(engine, _args(lora_rank=16, scheduler="lcm"), cpu) is None
 
 
+STOPWORDS = {"a", "an", "the", "of", "on", "in", "with", "at"}
+
+
+def test_peer_int8_calibration_avoids_the_judged_prompts(bench: ModuleType) -> None:
+    """optimum-intel's int8 is judged on the bench prompt and its quality prompts: calibrating on
+    them would flatter it (an earlier caption list held three of them). No calibration caption
+    shares more than one content word with a judged prompt."""
+
+    def words(text: str) -> set[str]:
+        return set(text.lower().replace(",", " ").split()) - STOPWORDS
+
+    for caption in import_script("ov_hybrid_int8").CAPTIONS:
+        for prompt in (bench.DEFAULT_PROMPT, *bench.QUALITY_PROMPTS):
+            assert len(words(caption) & words(prompt)) <= 1, (caption, prompt)
+
+
 def test_int8_and_genai_skips_name_the_cause(bench: ModuleType, fake_bundle_copy: Path) -> None:
     pytest.importorskip("openvino")
     from tests.fake_bundle import add_ir_file_set
