@@ -4,7 +4,9 @@ ORT, optimum-intel OpenVINO fp32/bf16/hybrid int8, openvino-genai), on the same 
 (DDIM or DPM++ 2M; `--cache-interval N` adds step caching to the runtime engines, which only they have).
 
 Each engine runs in its own process, one after another, so peak RSS and time to first image are
-its own; a worker that outlives --timeout is killed and reported. Prints the CPU (model, flags), a
+its own; a worker that outlives --timeout is killed and reported. With `--interleave` the workers
+stay loaded together and take turns, one timed image each per round (scripts/bench_interleave.py):
+for comparisons closer than the drift between sequential runs. Prints the CPU (model, flags), a
 table, each approximation's images against its own exact path (ours vs ONNX Runtime fp32,
 optimum-intel int8 vs optimum-intel fp32: same latents; the bench prompt and `--quality-prompts`
 more, made after the timed runs), the issues' targets as met / missed, and writes JSON. The
@@ -52,6 +54,7 @@ from typing import Any
 
 import numpy as np
 from bench_e2e_lora import fuse_into_diffusers, lora_files, lora_paths, switch_costs, timed
+from bench_interleave import run_interleaved
 from bench_peers import PEERS, timed_runs
 
 from export.compare.cpu import BF16_FLAGS, cpu_flags, cpu_model
@@ -232,7 +235,7 @@ def worker_runtime(
         backend.calls.clear()  # per-call times from the timed runs only (no load, no compile)
         return time.perf_counter() - t0
 
-    result = timed_runs(first, args.repeats, run)
+    result = timed_runs(first, args.repeats, run, args.interleave)
     result["step_overhead_share"] = {"median": statistics.median(overheads), "max": max(overheads)}
     result["call_median_s"] = {model: statistics.median(c) for model, c in backend.calls.items()}
     result["unet_calls_per_image"] = pipe.denoising_steps(options)
@@ -349,7 +352,7 @@ def worker_diffusers(args: argparse.Namespace, t0: float, dtype_name: str) -> di
         run()
         return time.perf_counter() - t0
 
-    result = timed_runs(first, args.repeats, run)
+    result = timed_runs(first, args.repeats, run, args.interleave)
     if fused_by is not None:
         result["lora_fused_by"] = fused_by
     return result
@@ -373,6 +376,7 @@ def _peer_command(engine: str, args: argparse.Namespace) -> list[str]:
         "scheduler": args.scheduler,
         "image": str(_image_path(args.json, engine)),
         "quality_prompts": list(QUALITY_PROMPTS[: args.quality_prompts]),
+        "interleave": args.interleave,
     }
     return [str(python), str(Path(__file__).with_name("bench_peers.py")), engine, json.dumps(payload)]
 
@@ -538,6 +542,12 @@ def main() -> int:
     p.add_argument("--ov-model", type=Path, help="optimum-intel-exported OpenVINO folder of the same weights")
     p.add_argument("--ov-int8-model", type=Path, help="the same folder, hybrid int8 (ov_hybrid_int8.py)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per engine before it is killed")
+    p.add_argument(
+        "--interleave",
+        action="store_true",
+        help="keep every engine loaded and time them in turns (scripts/bench_interleave.py): drift of a "
+        "shared machine falls on all alike; memory is the sum of the engines'",
+    )
     p.add_argument("--force-bf16", action="store_true", help="run bf16 engines on a CPU without bf16")
     p.add_argument("--json", type=Path, default=Path("out/bench_e2e.json"))
     p.add_argument("--worker", choices=[e for e in ENGINES if e not in PEERS], help=argparse.SUPPRESS)
@@ -567,6 +577,8 @@ def main() -> int:
         p.error(f"--cache-interval must be >= 1; got {args.cache_interval}")
     if args.img2img is not None and not 0 < args.img2img <= 1:
         p.error(f"--img2img must be a strength with 0 < S <= 1; got {args.img2img:g}")
+    if args.interleave and args.repeats < 1:
+        p.error(f"--interleave needs --repeats >= 1; got {args.repeats}")
     if args.timeout <= 0:
         p.error(f"--timeout must be > 0 seconds; got {args.timeout:g}")
     if args.lora_rank < 0:
@@ -591,12 +603,14 @@ def main() -> int:
         "repeats": args.repeats,
         "bundle": str(args.bundle),
         "threads": args.threads,
+        "interleaved": args.interleave,
     }
     results: dict[str, Any] = {}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     if args.lora_rank:  # written once, read by every worker
         written = lora_files(args.bundle, args.json.parent, args.lora_rank)
         workload["lora_files"] = [str(path) for path in written]
+    in_turns: dict[str, list[str]] = {}
     for engine in engines:
         _image_path(args.json, engine).unlink(missing_ok=True)  # never compare a stale image
         reason = _skip_reason(engine, args, cpu)
@@ -604,13 +618,19 @@ def main() -> int:
             print(f"skipping {engine}: {reason}", file=sys.stderr, flush=True)
             results[engine] = {"skipped": reason}
             continue
-        print(f"running {engine} ...", file=sys.stderr, flush=True)
         if engine in PEERS:
             cmd = _peer_command(engine, args)
         else:
             cmd = [sys.executable, __file__, *forwarded, "--worker", engine]
+        if args.interleave:
+            in_turns[engine] = cmd
+            continue
+        print(f"running {engine} ...", file=sys.stderr, flush=True)
         results[engine] = _spawn(cmd, args.timeout)
         _write_report(args.json, {"cpu": cpu, "workload": workload, "partial": True, "results": results})
+    if in_turns:
+        results.update(run_interleaved(in_turns, args.repeats, args.timeout))
+        results = {engine: results[engine] for engine in engines}
 
     ours = args.ours or _fastest_runtime(results)
     _print_table(results, ours)

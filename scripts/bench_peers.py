@@ -40,22 +40,38 @@ PEERS = (
 )
 
 
-def timed_runs(first: Callable[[], float], repeats: int, run: Callable[[], object]) -> dict[str, Any]:
-    """first() -> seconds from process start to the first image; then `repeats` timed run() calls."""
+def await_turn(said: str) -> None:
+    """Interleaved runs (bench_e2e.py --interleave): tell the coordinator `said` (READY after the
+    first image, DONE after each timed one) on stdout, then wait for its "go" on stdin."""
+    print(said, flush=True)
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("interleaved bench: the coordinator went away")
+
+
+def timed_runs(
+    first: Callable[[], float], repeats: int, run: Callable[[], object], interleaved: bool = False
+) -> dict[str, Any]:
+    """first() -> seconds from process start to the first image; then `repeats` timed run() calls,
+    each, when `interleaved`, only on the coordinator's turn (and the return too, after the last)."""
     ttfi = first()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+    cpu, wall = 0.0, 0.0
     latencies = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    for i in range(repeats):
+        if interleaved:
+            await_turn("READY" if i == 0 else "DONE")
+        cpu0, start = time.process_time(), time.perf_counter()
         run()
         latencies.append(time.perf_counter() - start)
+        cpu, wall = cpu + time.process_time() - cpu0, wall + latencies[-1]
+    if interleaved:
+        await_turn("DONE")
     ordered = sorted(latencies)
     return {
         "median_s": statistics.median(ordered),
         "p95_s": float(np.percentile(ordered, 95)),
         "latencies_s": latencies,
         "time_to_first_image_s": ttfi,
-        "cpu_per_wall": (time.process_time() - cpu0) / (time.perf_counter() - wall0),
+        "cpu_per_wall": cpu / wall,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 
@@ -156,7 +172,7 @@ def main() -> int:
         run()
         return time.perf_counter() - t0
 
-    result = timed_runs(first, a["repeats"], run)
+    result = timed_runs(first, a["repeats"], run, interleaved=a.get("interleave", False))
     if a.get("image") and isinstance(images[-1], np.ndarray):
         extra = [np.asarray(build_run(prompt)) for prompt in a.get("quality_prompts", [])]
         np.save(a["image"], np.stack([images[-1], *extra]))

@@ -209,3 +209,51 @@ def test_a_worker_past_its_timeout_is_killed_and_reported(bench: ModuleType) -> 
     assert result == {"error": "no result within --timeout 0.5 s: killed"}
     ok = [sys.executable, "-c", "import json; print(json.dumps({'median_s': 1}))"]
     assert bench._spawn(ok, timeout=30) == {"median_s": 1}
+
+
+FAKE_WORKER = """
+import sys
+sys.path.insert(0, {scripts!r})
+from bench_peers import timed_runs
+name, log = sys.argv[1], sys.argv[2]
+if name == "broken":
+    sys.exit("broken: no model here")
+def run():
+    with open(log, "a") as f:
+        f.write(name + "\\n")
+import json
+print(json.dumps(timed_runs(lambda: 0.5, 3, run, interleaved=True)))
+"""
+
+
+def test_interleaved_engines_take_turns_in_rotating_order(tmp_path: Path) -> None:
+    """Three fake workers (the real protocol of bench_peers.timed_runs), one of them dying before its
+    first image: the others' timed runs alternate, the order rotating each round, and each returns
+    its result; the dead one is reported with its last stderr line."""
+    interleave = import_script("bench_interleave")
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAKE_WORKER.format(scripts=str(ROOT / "scripts")))
+    log = tmp_path / "turns.log"
+    log.write_text("")
+    commands = {name: [sys.executable, str(worker), name, str(log)] for name in ("a", "broken", "b", "c")}
+    results = interleave.run_interleaved(commands, repeats=3, timeout=60)
+    assert list(results) == ["a", "broken", "b", "c"]
+    assert results["broken"] == {"error": "broken: no model here"}
+    assert log.read_text().split() == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    for name in ("a", "b", "c"):
+        assert len(results[name]["latencies_s"]) == 3 and results[name]["time_to_first_image_s"] == 0.5
+
+
+@pytest.mark.integration  # runs the bench in subprocesses
+def test_bench_interleaved_on_tiny(tiny_bundle: Path, tmp_path: Path) -> None:
+    report = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts/bench_e2e.py"), "--bundle", str(tiny_bundle),
+           "--engines", "runtime,runtime_openvino", "--size", "64x64", "--steps", "2", "--repeats", "2",
+           "--threads", "1", "--interleave", "--json", str(report)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    data = json.loads(report.read_text())
+    assert data["workload"]["interleaved"] is True
+    for result in data["results"].values():
+        assert len(result["latencies_s"]) == 2 and 0 < result["cpu_per_wall"] <= 2.5
+    assert data["image_parity"]["runtime_openvino"]["max_pixel_diff"] <= 2
