@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from runtime.errors import EXIT_REQUEST, EXIT_SETUP, RequestError, SetupError
+from runtime.errors import RequestError, SetupError, exit_status
 from runtime.options import parse_size
 
 
@@ -35,4 +35,4 @@ def positive_int(text: str) -> int:
 def report(log: logging.Logger, exc: RequestError | SetupError) -> int:
     """Log one line (no traceback) and return the exit status of the error's family."""
     log.error("error: %s", exc)
-    return EXIT_REQUEST if isinstance(exc, RequestError) else EXIT_SETUP
+    return exit_status(exc)

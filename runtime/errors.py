@@ -23,3 +23,8 @@ class RequestError(ValueError):
 
 class SetupError(RuntimeError):
     """Broken installation, bundle or hardware: 5xx / exit 3."""
+
+
+def exit_status(exc: RequestError | SetupError) -> int:
+    """The CLI exit status of the error's family."""
+    return EXIT_REQUEST if isinstance(exc, RequestError) else EXIT_SETUP

@@ -18,7 +18,7 @@ from pathlib import Path
 from export.compare.cpu import cpu_summary
 from runtime.backends import BACKENDS, BackendConfig
 from runtime.cli import positive_int, size_argument
-from runtime.errors import EXIT_REQUEST, EXIT_SETUP, RequestError, SetupError
+from runtime.errors import RequestError, SetupError, exit_status
 from runtime.options import GenerateOptions
 from runtime.pipeline import Pipeline
 
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (RequestError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_REQUEST if isinstance(exc, RequestError) else EXIT_SETUP
+        return exit_status(exc)
     print(cpu_summary())
     print(f"unguided {cost.unguided_s:.2f} s, guided {cost.guided_s:.2f} s ({cost.ratio:.2f}x; second pass "
           f"{cost.second_pass_s:.2f} s): {args.steps} {args.scheduler} steps, scale {args.clip_guidance:g}, "

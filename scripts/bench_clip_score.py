@@ -17,7 +17,7 @@ from pathlib import Path
 from export.compare.cpu import cpu_summary
 from runtime.backends import BACKENDS, BackendConfig
 from runtime.cli import positive_int, size_argument
-from runtime.errors import EXIT_REQUEST, EXIT_SETUP, RequestError, SetupError
+from runtime.errors import RequestError, SetupError, exit_status
 from runtime.options import GenerateOptions
 from runtime.pipeline import Pipeline
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         cost = measure_cost(args.bundle, options, args.runs, backend)
     except (RequestError, SetupError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_REQUEST if isinstance(exc, RequestError) else EXIT_SETUP
+        return exit_status(exc)
     print(cpu_summary())
     print(f"clip_score {cost.clip_score_s:.4f} s of {cost.generation_s:.3f} s per generation "
           f"({100 * cost.fraction:.2f} %): {args.num_images} image(s), {args.steps} steps, "

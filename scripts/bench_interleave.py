@@ -45,11 +45,11 @@ class Worker:
     def _failure(self, timed_out: bool) -> str:
         self.proc.kill()
         self.proc.wait()
-        if timed_out:
-            return f"no result within --timeout {self.timeout:g} s: killed"
         self.stderr.seek(0)
         last = self.stderr.read().strip().splitlines()
         self.stderr.close()
+        if timed_out:
+            return f"no result within --timeout {self.timeout:g} s: killed"
         return last[-1] if last else f"exited with {self.proc.returncode}"
 
     def expect(self, token: str) -> str | None:
