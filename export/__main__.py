@@ -4,7 +4,7 @@ python -m export --model tiny|sd15|PATH [--seed N] [--projection DIR]
                  [--deprojector CKPT|none] --out DIR [--precision fp32|fp16|both] [--deepcache]
                  [--clip-guidance]
                  [--int8 [--int8-scheme hybrid|full] [--int8-samples N] [--int8-size PX] [--int8-steps N]
-                         [--int8-vae]]
+                         [--int8-vae] [--int8-overflow-fix auto|enable|first_layer_only]]
                  [--force]
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from export.build import PRECISION_CHOICES, ExportOptions, export_bundle
-from export.int8 import SCHEMES, Int8Options, add_int8
+from export.int8 import OVERFLOW_FIXES, SCHEMES, Int8Options, add_int8
 from export.models import DEFAULT_SEED, PRESETS, UnsupportedModel
 from runtime.cli import positive_int
 from runtime.errors import RequestError
@@ -74,6 +74,13 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.vae,
         help='quantize the VAE decoder too (3x faster decoding, a larger image error: README "int8")',
     )
+    int8.add_argument(
+        "--int8-overflow-fix",
+        choices=OVERFLOW_FIXES,
+        default=defaults.overflow_fix,
+        help="7-bit weights (NNCF): enable for CPUs without VNNI/AMX, first_layer_only for those with "
+        "them; auto: as the exporting CPU",
+    )
     p.add_argument("--force", action="store_true", help="re-export even if the bundle is up to date")
     return p
 
@@ -121,8 +128,8 @@ def _int8_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     defaults = Int8Options()
     if not args.int8:
         given = [
-            f"--int8-{name}"
-            for name in ("scheme", "samples", "size", "steps", "vae")
+            f"--int8-{name.replace('_', '-')}"
+            for name in ("scheme", "samples", "size", "steps", "vae", "overflow_fix")
             if getattr(args, f"int8_{name}") != getattr(defaults, name)
         ]
         if given:
@@ -134,6 +141,7 @@ def _int8_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         size=args.int8_size,
         steps=args.int8_steps,
         vae=args.int8_vae,
+        overflow_fix=args.int8_overflow_fix,
     )
     try:
         return opts.validate()
@@ -165,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 quantized = add_int8(opts.out, int8, force=opts.force)
             except RequestError as exc:
                 parser.error(str(exc))
-        state = "up to date, reused" if quantized.reused else int8.scheme
+        fix = quantized.manifest.export["int8"]["overflow_fix"]
+        state = "up to date, reused" if quantized.reused else f"{int8.scheme}, overflow fix {fix}"
         for model, q in quantized.quality.items():
             psnr = "" if q.image_psnr_db_min is None else f", image PSNR >= {q.image_psnr_db_min:.1f} dB"
             print(

@@ -28,6 +28,13 @@ Schemes (`--int8-scheme`), both measured in the README:
 In both, the first convolution (`conv_in`, reading the noisy latents) stays fp32: quantizing its
 input was most of the error (tiny, held-out UNet-call cosine 0.979 with it, 0.997 without; keeping
 `conv_out` fp32 as well changed nothing).
+
+Overflow fix (`--int8-overflow-fix`, NNCF's): a CPU without an int8 dot-product instruction (VNNI,
+AMX) multiply-adds u8 x s8 pairs into int16, which saturates with 8-bit weights; NNCF's fix keeps
+them to 7 bits. "first_layer_only" (NNCF's default) applies it where it matters least, right for
+VNNI/AMX; "enable" everywhere, right without them (tiny, on an AVX2-only AMD EPYC, held-out
+UNet-call cosine 0.988 -> 0.996). "auto" picks by the exporting CPU and the manifest records the
+choice; the OpenVINO backend warns when a bundle's choice saturates on the CPU it runs on.
 """
 
 from __future__ import annotations
@@ -47,8 +54,10 @@ import numpy as np
 
 from export.bundle import MANIFEST, file_entry
 from export.captions import builtin_captions
+from export.compare.cpu import cpu_model
 from runtime.backends import Backend, BackendConfig, open_backend
 from runtime.bundle import Bundle
+from runtime.cpu import cpu_flags, int8_dot_instructions
 from runtime.errors import RequestError
 from runtime.files import write_atomic
 from runtime.lora import WeightSet
@@ -60,6 +69,7 @@ from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, INPAINT_CHANNELS
 log = logging.getLogger(__name__)
 
 SCHEMES = ("hybrid", "full")
+OVERFLOW_FIXES = ("auto", "enable", "first_layer_only")
 QUANTIZED_MODEL = "unet"
 UNETS = (QUANTIZED_MODEL, DEEPCACHE_FULL, DEEPCACHE_SHALLOW)  # quantized when the bundle has them
 VAE = "vae_decoder"
@@ -78,16 +88,27 @@ class Int8Options:
     holdout: int = 3  # UNet calls of one more caption, never calibrated on: the recorded quality
     cache_interval: int = 3  # of the cached run that records the shallow UNet's inputs
     vae: bool = False  # also quantize the VAE decoder
+    overflow_fix: str = "auto"  # NNCF's 7-bit weights: "enable" (no VNNI/AMX), "first_layer_only"
 
     def validate(self) -> Int8Options:
         if self.scheme not in SCHEMES:
             raise ValueError(f"int8 scheme must be one of {', '.join(SCHEMES)}; got {self.scheme!r}")
+        if self.overflow_fix not in OVERFLOW_FIXES:
+            raise ValueError(
+                f"int8 overflow_fix must be one of {', '.join(OVERFLOW_FIXES)}; got {self.overflow_fix!r}"
+            )
         for name in ("samples", "steps", "holdout", "cache_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"int8 {name} must be >= 1; got {getattr(self, name)}")
         if self.holdout > self.steps:
             raise ValueError(f"int8 holdout must be <= steps ({self.steps}); got {self.holdout}")
         return self
+
+
+def overflow_fix_for(flags: frozenset[str]) -> str:
+    """The overflow fix "auto" means on a CPU with these flags: 8-bit weights past the first layer
+    only where int8 dot products do not saturate."""
+    return "first_layer_only" if int8_dot_instructions(flags) else "enable"
 
 
 Call = tuple[dict[str, np.ndarray], dict[str, np.ndarray]]  # (inputs, fp32 outputs)
@@ -234,16 +255,20 @@ def _input_convolution(model: Any) -> str:
     )
 
 
-def quantize(fp32_graph: Path, feeds: list[dict[str, np.ndarray]], scheme: str) -> tuple[Any, list[str]]:
+def quantize(
+    fp32_graph: Path, feeds: list[dict[str, np.ndarray]], scheme: str, overflow_fix: str
+) -> tuple[Any, list[str]]:
     """An fp32 ONNX UNet quantized by NNCF on the calibration inputs (an openvino.Model), and the
     names of the layers left in fp32 on purpose."""
     import nncf
     import openvino as ov
+    from nncf.quantization.advanced_parameters import OverflowFix
 
     nncf.set_log_level(logging.WARNING)  # it lists every layer it skips at INFO
     model = ov.convert_model(str(fp32_graph))
     kept = [_input_convolution(model)]
-    advanced = nncf.AdvancedQuantizationParameters()
+    fix = OverflowFix(overflow_fix)
+    advanced = nncf.AdvancedQuantizationParameters(overflow_fix=fix)
     weight_only: list[str] = []
     if scheme == "hybrid":
         weight_only = _weighted_matmuls(model)
@@ -254,7 +279,8 @@ def quantize(fp32_graph: Path, feeds: list[dict[str, np.ndarray]], scheme: str) 
         )
         # nothing left for SmoothQuant to balance: the matmuls' activations stay fp32
         advanced = nncf.AdvancedQuantizationParameters(
-            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(convolution=-1, matmul=-1)
+            overflow_fix=fix,
+            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(convolution=-1, matmul=-1),
         )
     quantized = nncf.quantize(
         model,
@@ -325,6 +351,8 @@ def add_int8(root: Path, opts: Int8Options, threads: int | None = None, force: b
     (IntegrityError), it is never run. The bundle's files are verified as they are used (the
     calibration run loads every graph it quantizes), not hashed again up front."""
     opts = opts.validate()
+    if opts.overflow_fix == "auto":  # resolved before the fingerprint: another CPU may re-quantize
+        opts = replace(opts, overflow_fix=overflow_fix_for(cpu_flags()))
     bundle = Bundle.open(root)
     if bundle.unet_in_channels == INPAINT_CHANNELS:
         raise RequestError(
@@ -352,7 +380,7 @@ def add_int8(root: Path, opts: Int8Options, threads: int | None = None, force: b
     qualities: dict[str, ModelQuality] = {}
     for model in models:
         source = bundle.verified_path(bundle.graph(model, "fp32"))  # stamped by the calibration run
-        quantized, kept = quantize(source, calibration.feeds[model], opts.scheme)
+        quantized, kept = quantize(source, calibration.feeds[model], opts.scheme, opts.overflow_fix)
         quality = qualities[model] = held_out_quality(quantized, calibration.holdout[model], threads)
         log.info("int8 %s vs fp32 on held-out inputs: cosine >= %.5f", model, quality.cosine_min)
         entry = _save(quantized, root / f"{model}.int8.xml")
@@ -367,6 +395,9 @@ def add_int8(root: Path, opts: Int8Options, threads: int | None = None, force: b
         "fingerprint": fp,
         "tool": f"nncf {fp['packages']['nncf']}, openvino {fp['packages']['openvino']}",
         "scheme": opts.scheme,
+        "overflow_fix": opts.overflow_fix,
+        # the held-out quality was measured here: int8 kernels differ between CPUs
+        "measured_on": {"cpu": cpu_model(), "int8_dot": int8_dot_instructions()},
         "models": per_model,
         "calibration": {
             "sha256": calibration.sha256(),

@@ -57,9 +57,10 @@ from bench_e2e_lora import fuse_into_diffusers, lora_files, lora_paths, switch_c
 from bench_interleave import run_interleaved
 from bench_peers import PEERS, timed_runs
 
-from export.compare.cpu import BF16_FLAGS, cpu_flags, cpu_model
+from export.compare.cpu import cpu_model
 from export.init_images import init_image
 from runtime.cli import size_argument
+from runtime.cpu import BF16_FLAGS, cpu_flags
 
 # runtime engines: (backend, precision, static shapes) of the runtime's BackendConfig
 RUNTIME_ENGINES = {

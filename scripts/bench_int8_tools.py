@@ -406,13 +406,20 @@ def quantize_nncf(job: QuantJob) -> QuantCost:
 
     bundle = Bundle.open(job.bundle)
     source = bundle.verified_path(bundle.graph(MODEL, "fp32"))
-    scheme = bundle.manifest.export.get("int8", {}).get("scheme", "hybrid")
+    record = bundle.manifest.export.get("int8", {})
+    scheme = record.get("scheme", "hybrid")
+    overflow_fix = record.get("overflow_fix", "first_layer_only")  # NNCF's default before it was recorded
     feeds = load_calls(Path(job.work) / "calibration.npz")
     start = time.perf_counter()
-    model, kept = quantize(source, feeds, scheme)
+    model, kept = quantize(source, feeds, scheme, overflow_fix)
     seconds = time.perf_counter() - start
     del model
-    settings = {"scheme": scheme, "calibration_samples": len(feeds), "source": source.name}
+    settings = {
+        "scheme": scheme,
+        "overflow_fix": overflow_fix,
+        "calibration_samples": len(feeds),
+        "source": source.name,
+    }
     return QuantCost(seconds, _peak_rss_gib(), None, tuple(kept), settings)
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from export.compare.cpu import cpu_flags, cpu_model
+from export.compare.cpu import cpu_model
 from runtime.backends import BACKENDS, BackendConfig
 from runtime.bundle import Bundle
 from runtime.cli import positive_int, size_argument
+from runtime.cpu import cpu_flags
 from runtime.lora import LoraRef, LoraSettings
 from runtime.lora.targets import Targets
 from runtime.options import GenerateOptions

@@ -148,7 +148,7 @@ def test_image_numbers_match_an_independent_run(compared, tiny_bundle):
 
 
 def test_bf16_timing_follows_the_cpu_flags(tmp_path):
-    from export.compare.cpu import bf16_instructions, cpu_flags
+    from runtime.cpu import bf16_instructions, cpu_flags
 
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f\n")

@@ -20,10 +20,11 @@ pytestmark = pytest.mark.integration
 from export.__main__ import main as export_main  # noqa: E402
 from export.build import ExportOptions, export_bundle  # noqa: E402
 from export.compare.metrics import cosine_rows, image_metrics  # noqa: E402
-from export.int8 import Int8Options, add_int8, record_calibration  # noqa: E402
+from export.int8 import Int8Options, add_int8, overflow_fix_for, record_calibration  # noqa: E402
 from runtime.backends import BackendConfig, open_backend  # noqa: E402
 from runtime.backends.config import bundle_files  # noqa: E402
 from runtime.bundle import Bundle  # noqa: E402
+from runtime.cpu import cpu_flags, int8_dot_instructions  # noqa: E402
 from runtime.errors import RequestError  # noqa: E402
 from runtime.generate import main as generate_main  # noqa: E402
 from runtime.manifest import Manifest  # noqa: E402
@@ -60,6 +61,10 @@ def test_manifest_records_files_calibration_and_quality(int8_bundle: Path) -> No
     calibration = record["calibration"]
     assert len(calibration["sha256"]) == 64 and calibration["cache_interval"] == OPTIONS.cache_interval
     assert (calibration["captions"], calibration["size"], calibration["steps"]) == (4, 64, 4)
+    assert calibration["scheduler"] == "pndm"  # the runtime's default sampler
+    # "auto": 7-bit weights unless int8 dot products cannot saturate here; the CPU is recorded
+    assert record["overflow_fix"] == overflow_fix_for(cpu_flags())
+    assert record["measured_on"]["int8_dot"] == int8_dot_instructions()
     for model in UNETS:
         facts = record["models"][model]
         assert [name.split("/")[-3] for name in facts["kept_fp32"]] == ["conv_in"], model
@@ -71,6 +76,14 @@ def test_manifest_records_files_calibration_and_quality(int8_bundle: Path) -> No
     # the shallow graph runs on 2 of every 3 UNet calls of the cached run; PNDM makes 5 calls in 4
     # steps (full ones at calls 0 and 3): 4 captions x 3 calls
     assert record["models"]["unet_deepcache_shallow"]["samples"] == 12
+
+
+def test_overflow_fix_follows_the_int8_dot_product() -> None:
+    assert overflow_fix_for(frozenset({"sse2", "avx2", "fma"})) == "enable"  # vpmaddubsw saturates
+    for dot in ("avx512_vnni", "avx_vnni", "amx_int8"):
+        assert overflow_fix_for(frozenset({"avx2", dot})) == "first_layer_only"
+    with pytest.raises(ValueError, match="overflow_fix must be one of auto, enable, first_layer_only"):
+        Int8Options(overflow_fix="disable").validate()
 
 
 def test_calibration_is_deterministic(int8_bundle: Path) -> None:
@@ -159,9 +172,10 @@ def test_cli_generates_int8_and_refuses_what_it_cannot(
     assert exit_info.value.code == 2
     assert "--int8 quantizes the fp32 UNet" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:  # an int8 setting without --int8 would do nothing
-        export_main(["--model", "tiny", "--out", str(tmp_path / "b"), "--int8-scheme", "full", "--int8-vae"])
+        export_main(["--model", "tiny", "--out", str(tmp_path / "b"), "--int8-scheme", "full", "--int8-vae",
+                     "--int8-overflow-fix", "enable"])  # fmt: skip
     assert exit_info.value.code == 2
-    assert "--int8-scheme, --int8-vae only apply with --int8" in capsys.readouterr().err
+    assert "--int8-scheme, --int8-vae, --int8-overflow-fix only apply with --int8" in capsys.readouterr().err
 
 
 def test_compare_tool_gates_int8(int8_bundle: Path, tmp_path: Path) -> None:

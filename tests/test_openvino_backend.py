@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import mmap
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from runtime.bundle import Bundle  # noqa: E402
 from runtime.errors import RequestError  # noqa: E402
 from runtime.generate import main as generate_main  # noqa: E402
 from runtime.integrity import IntegrityError  # noqa: E402
+from runtime.manifest import Manifest  # noqa: E402
 from runtime.options import GenerateOptions  # noqa: E402
 from runtime.pipeline import Pipeline  # noqa: E402
 
@@ -246,6 +248,43 @@ def test_int8_runs_the_bundles_ir_and_the_rest_in_fp32(fake_bundle_copy: Path) -
     # the UNet compiled straight from the bundle's IR: nothing converted or cached for it
     assert not list((fake_bundle_copy / ".ov_cache").glob("unet.int8.*"))
     assert int8._mapped["unet"] == [fake_bundle_copy / "unet.int8.bin"]
+
+
+AVX2_ONLY = frozenset({"sse2", "avx2", "fma"})  # an AMD EPYC of this workplace: no VNNI, no AMX
+
+
+@pytest.mark.parametrize(
+    ("recorded", "flags", "warns"),
+    [
+        ({"overflow_fix": "first_layer_only"}, AVX2_ONLY, True),
+        ({}, AVX2_ONLY, True),  # made before the choice was recorded: NNCF's default
+        ({"overflow_fix": "enable"}, AVX2_ONLY, False),
+        ({"overflow_fix": "first_layer_only"}, AVX2_ONLY | {"avx512_vnni"}, False),
+        ({"overflow_fix": "first_layer_only"}, AVX2_ONLY | {"amx_int8"}, False),
+        ({"overflow_fix": "first_layer_only"}, frozenset(), False),  # flags unknown (not Linux)
+    ],
+)
+def test_int8_made_for_vnni_warns_on_a_cpu_without_it(
+    fake_bundle_copy: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    recorded: dict[str, str],
+    flags: frozenset[str],
+    warns: bool,
+) -> None:
+    from tests.fake_bundle import add_ir_file_set
+
+    add_ir_file_set(fake_bundle_copy)
+    path = fake_bundle_copy / "manifest.json"
+    manifest = Manifest.loads(path.read_bytes())
+    path.write_text(replace(manifest, export={**manifest.export, "int8": recorded}).dumps())
+    monkeypatch.setattr("runtime.backends.openvino.cpu_flags", lambda: flags)
+    with caplog.at_level(logging.WARNING, logger="runtime.backends.openvino"):
+        OvBackend(Bundle.open(fake_bundle_copy), INT8)
+    warned = [r.getMessage() for r in caplog.records if "overflow fix" in r.getMessage()]
+    assert bool(warned) == warns
+    if warns:
+        assert f"--out {fake_bundle_copy} --int8 --int8-overflow-fix enable" in warned[0]
 
 
 def test_int8_refusals_name_the_cause(fake_bundle: Path) -> None:

@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from export.compare.cpu import BF16_FLAGS, bf16_instructions
 from export.compare.settings import PRESETS, Settings, UsageError
 from export.compare.thresholds import DEFAULTS, Thresholds
 from export.init_images import init_image, init_mask
@@ -24,6 +23,7 @@ from runtime.backends import PRECISIONS, BackendConfig
 from runtime.backends.config import THREADED, check_bundle_precision
 from runtime.bundle import Bundle
 from runtime.cli import positive_int, size_argument
+from runtime.cpu import BF16_FLAGS, bf16_instructions
 from runtime.errors import RequestError, SetupError
 from runtime.options import options_from, validate
 from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, INPAINT_CHANNELS

@@ -47,6 +47,7 @@ from runtime.backends.loading import (
     writable,
 )
 from runtime.bundle import Bundle
+from runtime.cpu import cpu_flags, int8_dot_instructions
 from runtime.lora import WeightSet
 from runtime.lora.variant import LoraGraph, lora_graph
 from runtime.manifest import FileEntry
@@ -77,6 +78,22 @@ def cpu_has_bf16() -> bool:
     return "BF16" in capabilities
 
 
+def int8_saturation_warning(bundle: Bundle, flags: frozenset[str]) -> str | None:
+    """Why the bundle's int8 models lose accuracy on a CPU with these flags, or None. Quantized with
+    8-bit weights past the first layer (NNCF's default overflow fix, and every bundle made before
+    the choice was recorded), their int8 convolutions saturate on an x86 CPU without VNNI or AMX."""
+    record = bundle.manifest.export.get("int8")
+    fix = record.get("overflow_fix", "first_layer_only") if isinstance(record, dict) else None
+    if fix != "first_layer_only" or "sse2" not in flags or int8_dot_instructions(flags):
+        return None
+    model = bundle.manifest.export.get("fingerprint", {}).get("model", "SOURCE")
+    return (
+        "this bundle's int8 models keep 8-bit weights (overflow fix first_layer_only), which saturate "
+        'on a CPU without VNNI or AMX like this one and lose accuracy (README "int8"); quantize '
+        f"them for it: python -m export --model {model} --out {bundle.root} --int8 --int8-overflow-fix enable"
+    )
+
+
 class OvBackend:
     device = "cpu"
 
@@ -91,6 +108,8 @@ class OvBackend:
                 "lacks; use precision fp32"
             )
         check_bundle_precision(bundle, precision)  # fail now, not mid-generation
+        if precision == "int8" and (warning := int8_saturation_warning(bundle, cpu_flags())):
+            log.warning("%s", warning)
         self.bundle, self.config, self.precision = bundle, config, precision
         self.threads, self.cache_ir = config.threads, config.cache_graphs
         self._core = ov.Core()
