@@ -284,7 +284,7 @@ def test_int8_made_for_vnni_warns_on_a_cpu_without_it(
     warned = [r.getMessage() for r in caplog.records if "overflow fix" in r.getMessage()]
     assert bool(warned) == warns
     if warns:
-        assert f"--out {fake_bundle_copy} --int8 --int8-overflow-fix enable" in warned[0]
+        assert f"--out {fake_bundle_copy}` again with --int8 --int8-overflow-fix enable" in warned[0]
 
 
 def test_int8_refusals_name_the_cause(fake_bundle: Path) -> None:

@@ -86,11 +86,11 @@ def int8_saturation_warning(bundle: Bundle, flags: frozenset[str]) -> str | None
     fix = record.get("overflow_fix", "first_layer_only") if isinstance(record, dict) else None
     if fix != "first_layer_only" or "sse2" not in flags or int8_dot_instructions(flags):
         return None
-    model = bundle.manifest.export.get("fingerprint", {}).get("model", "SOURCE")
     return (
         "this bundle's int8 models keep 8-bit weights (overflow fix first_layer_only), which saturate "
-        'on a CPU without VNNI or AMX like this one and lose accuracy (README "int8"); quantize '
-        f"them for it: python -m export --model {model} --out {bundle.root} --int8 --int8-overflow-fix enable"
+        'on a CPU without VNNI or AMX like this one and lose accuracy (README "int8"); quantize them '
+        f"for it: run the bundle's `python -m export ... --out {bundle.root}` again with --int8 "
+        "--int8-overflow-fix enable"
     )
 
 
