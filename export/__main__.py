@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
                 quantized = add_int8(opts.out, int8, force=opts.force)
             except RequestError as exc:
                 parser.error(str(exc))
-        fix = quantized.manifest.export["int8"]["overflow_fix"]
-        state = "up to date, reused" if quantized.reused else f"{int8.scheme}, overflow fix {fix}"
+        record = quantized.manifest.int8
+        assert record is not None  # add_int8 just wrote or checked it
+        made = f"{record.scheme}, overflow fix {record.overflow_fix}"
+        state = "up to date, reused" if quantized.reused else made
         for model, q in quantized.quality.items():
             psnr = "" if q.image_psnr_db_min is None else f", image PSNR >= {q.image_psnr_db_min:.1f} dB"
             print(

@@ -61,6 +61,7 @@ from runtime.cpu import cpu_flags, int8_dot_instructions
 from runtime.errors import RequestError
 from runtime.files import write_atomic
 from runtime.lora import WeightSet
+from runtime.manifest import OVERFLOW_FIXES as RECORDED_FIXES
 from runtime.manifest import FileEntry, Manifest, ModelManifest
 from runtime.options import GenerateOptions, ResolvedOptions, validate
 from runtime.pipeline import Pipeline
@@ -69,7 +70,7 @@ from runtime.specs import DEEPCACHE_FULL, DEEPCACHE_SHALLOW, INPAINT_CHANNELS
 log = logging.getLogger(__name__)
 
 SCHEMES = ("hybrid", "full")
-OVERFLOW_FIXES = ("auto", "enable", "first_layer_only")
+OVERFLOW_FIXES = ("auto", *RECORDED_FIXES)
 QUANTIZED_MODEL = "unet"
 UNETS = (QUANTIZED_MODEL, DEEPCACHE_FULL, DEEPCACHE_SHALLOW)  # quantized when the bundle has them
 VAE = "vae_decoder"

@@ -9,6 +9,8 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 # int8 dot products into int32. Without one, x86 int8 kernels multiply-add u8 x s8 pairs into int16
 # (AVX2's vpmaddubsw), which saturates unless the weights keep to 7 bits (export/int8.py).
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+# The flags that pick a fast path somewhere in the stack: what a benchmark prints about its CPU.
+FAST_PATH_FLAGS = ("avx2", "fma", "avx512f", *INT8_DOT_FLAGS, *BF16_FLAGS, "amx_tile")
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
@@ -33,3 +35,8 @@ def int8_dot_instructions(flags: frozenset[str] | None = None) -> list[str]:
     """The int8 dot-product instruction sets among `flags` (this CPU's by default)."""
     have = cpu_flags() if flags is None else flags
     return [f for f in INT8_DOT_FLAGS if f in have]
+
+
+def is_x86(flags: frozenset[str]) -> bool:
+    """Whether `flags` are an x86-64 CPU's (every one has SSE2); arm64 lists other names."""
+    return "sse2" in flags

@@ -32,7 +32,8 @@
         }
       },
       "warnings": [...], "export": {"fingerprint": {...}, "stages": [...], ...,  # the exporter's record
-                                    "int8": {"calibration": {"sha256": ..., ...}, "models": {...}}}
+                                    "int8": {"scheme": "hybrid", "overflow_fix": "enable",  # Int8Record
+                                             "calibration": {"sha256": ..., ...}, "models": {...}}}
     }
 
 Inputs and outputs stay float32 in every precision (the fp16 graphs cast inside), so a backend
@@ -68,6 +69,10 @@ REQUIRED_MODELS = ("clip", "unet", "vae_decoder")
 OPTIONAL_MODELS = tuple(name for name in MODEL_NAMES if name not in REQUIRED_MODELS)
 FILE_SETS = ("fp32", "fp16", "int8")  # int8: OpenVINO IR (export --int8), UNets and optionally the VAE
 REEXPORT = "re-export it with `python -m export --model MODEL --out BUNDLE`"
+# NNCF's overflow fix, as `export --int8` recorded it: "enable" keeps weights to 7 bits (no int16
+# saturation on x86 without VNNI/AMX), "first_layer_only" only in the first layer (NNCF's default,
+# and what every bundle quantized before the choice was recorded used).
+OVERFLOW_FIXES = ("enable", "first_layer_only")
 
 T = TypeVar("T")
 
@@ -342,6 +347,30 @@ class VisionManifest:
 
 
 @dataclass(frozen=True)
+class Int8Record:
+    """How `export --int8` made the bundle's int8 files (manifest `export.int8`), the part read
+    outside the exporter: the OpenVINO backend warns by `overflow_fix` on a CPU that saturates them."""
+
+    scheme: str  # export.int8.SCHEMES
+    overflow_fix: str  # OVERFLOW_FIXES
+
+    @classmethod
+    def from_json(cls, f: _Fields) -> Int8Record:
+        fix = f.get("overflow_fix", str, optional=True) or OVERFLOW_FIXES[1]
+        if fix not in OVERFLOW_FIXES:
+            raise ManifestError(
+                f"manifest.json: {f._where('overflow_fix')} must be one of {', '.join(OVERFLOW_FIXES)}; "
+                f"got {fix!r:.80}"
+            )
+        return cls(scheme=f.text("scheme"), overflow_fix=fix)
+
+
+def _int8_record(export: Mapping[str, Any]) -> Int8Record | None:
+    record = export.get("int8")
+    return None if record is None else Int8Record.from_json(_Fields(record, "export.int8"))
+
+
+@dataclass(frozen=True)
 class Manifest:
     hidden_size: int
     projection_dim: int | None
@@ -392,6 +421,8 @@ class Manifest:
             raise ManifestError(
                 f"manifest.json: models.{CLIP_GUIDANCE} needs models.{CLIP_VISION}: {REEXPORT}"
             )
+        export = dict(f.get("export", dict, optional=True) or {})
+        _int8_record(export)  # refused at open, like every other field the runtime reads
         return cls(
             hidden_size=f.integer("hidden_size", 1),
             projection_dim=f.get("projection_dim", int, optional=True),
@@ -407,9 +438,14 @@ class Manifest:
             source=dict(f.get("source", dict, optional=True) or {}),
             packages=dict(f.get("packages", dict, optional=True) or {}),
             warnings=tuple(f.get("warnings", list, optional=True) or ()),
-            export=dict(f.get("export", dict, optional=True) or {}),
+            export=export,
             vision=vision,
         )
+
+    @property
+    def int8(self) -> Int8Record | None:
+        """`export.int8`, typed; None when the bundle was never quantized."""
+        return _int8_record(self.export)
 
     @classmethod
     def loads(cls, text: str | bytes) -> Manifest:

@@ -57,10 +57,10 @@ from bench_e2e_lora import fuse_into_diffusers, lora_files, lora_paths, switch_c
 from bench_interleave import run_interleaved
 from bench_peers import PEERS, timed_runs
 
-from export.compare.cpu import cpu_model
+from export.compare.cpu import cpu_model, cpu_summary
 from export.init_images import init_image
 from runtime.cli import size_argument
-from runtime.cpu import BF16_FLAGS, cpu_flags
+from runtime.cpu import BF16_FLAGS, FAST_PATH_FLAGS, cpu_flags
 
 # runtime engines: (backend, precision, static shapes) of the runtime's BackendConfig
 RUNTIME_ENGINES = {
@@ -90,7 +90,6 @@ QUALITY_PROMPTS = (
     "a bowl of fruit on a wooden table, still life painting",
     "a futuristic city skyline with flying cars",
 )
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", *BF16_FLAGS, "amx_tile", "amx_int8")
 # The issue's targets, for the engine named by --ours (same run, same machine).
 # speedup_vs_diffusers_fp32: the issue's "i.e. >= 1.7x", derived from its own machine's figures.
 TARGETS = {
@@ -115,7 +114,8 @@ TARGETS_16 = {
 def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
     """The CPU model and which of the flags that decide the fast paths it has (Linux)."""
     flags = cpu_flags(cpuinfo)
-    return {"model": cpu_model(cpuinfo), "cores": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS}}
+    have = {f: f in flags for f in FAST_PATH_FLAGS}
+    return {"model": cpu_model(cpuinfo), "cores": os.cpu_count(), "flags": have}
 
 
 def _has_int8(bundle: Path) -> bool:
@@ -589,8 +589,7 @@ def main() -> int:
         p.error(f"--ours must be one of the runtime engines run: {run}")
     forwarded = _without_option(sys.argv[1:], "--engines")
     cpu = cpu_info()
-    have = " ".join(f for f, on in cpu["flags"].items() if on) or "none of them"
-    print(f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {have} (of {', '.join(CPU_FLAGS)})")
+    print(cpu_summary())
     workload = {
         "prompt": args.prompt,
         "size": list(args.size),

@@ -39,7 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from bench_e2e import CPU_FLAGS, cpu_info
+from bench_e2e import cpu_info
+
+from export.compare.cpu import cpu_summary
 
 MODEL = "unet"
 OUTPUT = "noise_pred"
@@ -406,9 +408,10 @@ def quantize_nncf(job: QuantJob) -> QuantCost:
 
     bundle = Bundle.open(job.bundle)
     source = bundle.verified_path(bundle.graph(MODEL, "fp32"))
-    record = bundle.manifest.export.get("int8", {})
-    scheme = record.get("scheme", "hybrid")
-    overflow_fix = record.get("overflow_fix", "first_layer_only")  # NNCF's default before it was recorded
+    record = bundle.manifest.int8
+    if record is None:
+        raise SystemExit(f"--bundle {job.bundle} lacks export.int8: run `python -m export ... --int8`")
+    scheme, overflow_fix = record.scheme, record.overflow_fix
     feeds = load_calls(Path(job.work) / "calibration.npz")
     start = time.perf_counter()
     model, kept = quantize(source, feeds, scheme, overflow_fix)
@@ -630,8 +633,7 @@ def main() -> int:
         p.error(f"--bundle {args.bundle} needs fp32 and int8 UNets (python -m export ... --int8)")
 
     cpu = cpu_info()
-    have = " ".join(f for f, on in cpu["flags"].items() if on) or "none of them"
-    print(f"CPU: {cpu['model']}, {cpu['cores']} cores; flags: {have} (of {', '.join(CPU_FLAGS)})")
+    print(cpu_summary())
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="sdrt-int8-tools-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

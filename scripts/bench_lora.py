@@ -13,7 +13,6 @@ and prints per-step seconds of the plain and the LoRA-capable UNet, and the swit
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -24,11 +23,10 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
-from export.compare.cpu import cpu_model
+from export.compare.cpu import cpu_summary
 from runtime.backends import BACKENDS, BackendConfig
 from runtime.bundle import Bundle
 from runtime.cli import positive_int, size_argument
-from runtime.cpu import cpu_flags
 from runtime.lora import LoraRef, LoraSettings
 from runtime.lora.targets import Targets
 from runtime.options import GenerateOptions
@@ -82,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         size = a.path.stat().st_size / 1e6
         print(f"bundle {args.bundle}, {args.backend} {config.validate().precision}, {args.steps} DDIM steps, "
               f"guidance 1 (batch 1), {size:.1f} MB LoRA files (rank 16, fp16)")  # fmt: skip
-        flags = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16"})
-        print(f"CPU: {cpu_model()} ({', '.join(flags)}), {os.cpu_count()} cores")
+        print(cpu_summary())
         for cache in (1, 2):
             pipeline = Pipeline(bundle, config, LoraSettings(cache_size=cache))
             try:

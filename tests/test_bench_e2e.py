@@ -15,6 +15,8 @@ from types import ModuleType
 
 import pytest
 
+from export.compare.cpu import cpu_summary
+from runtime.cpu import FAST_PATH_FLAGS
 from tests.scripts import import_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +103,9 @@ def test_cpu_info_reads_model_and_flags(bench: ModuleType, tmp_path: Path) -> No
     assert info["model"] == "AMD EPYC 7B13"
     assert info["flags"]["avx2"] and info["flags"]["avx512f"] and info["flags"]["fma"]
     assert not info["flags"]["avx512_bf16"] and not info["flags"]["amx_bf16"]
-    assert set(info["flags"]) == set(bench.CPU_FLAGS)
+    assert set(info["flags"]) == set(FAST_PATH_FLAGS)
+    summary = cpu_summary(cpuinfo)
+    assert summary.startswith("CPU: AMD EPYC 7B13, ") and "flags: avx2 fma avx512f (of avx2, fma," in summary
 
 
 def _args(**overrides: object) -> argparse.Namespace:
@@ -112,8 +116,8 @@ def _args(**overrides: object) -> argparse.Namespace:
 
 
 def test_bf16_engines_and_unset_peers_are_skipped_with_a_reason(bench: ModuleType) -> None:
-    no_bf16 = {"flags": {f: f in ("avx2", "fma") for f in bench.CPU_FLAGS}}
-    has_bf16 = {"flags": {f: f in ("avx2", "avx512_bf16") for f in bench.CPU_FLAGS}}
+    no_bf16 = {"flags": {f: f in ("avx2", "fma") for f in FAST_PATH_FLAGS}}
+    has_bf16 = {"flags": {f: f in ("avx2", "avx512_bf16") for f in FAST_PATH_FLAGS}}
     for engine in ("diffusers_bf16", "runtime_openvino_bf16", "runtime_openvino_bf16_static"):
         reason = bench._skip_reason(engine, _args(), no_bf16)
         assert reason and "no bf16 instructions" in reason and "--force-bf16" in reason
@@ -131,7 +135,7 @@ def test_bf16_engines_and_unset_peers_are_skipped_with_a_reason(bench: ModuleTyp
 
 
 def test_peers_are_skipped_for_the_lora_and_lcm_workloads(bench: ModuleType) -> None:
-    cpu = {"flags": dict.fromkeys(bench.CPU_FLAGS, False)}
+    cpu = {"flags": dict.fromkeys(FAST_PATH_FLAGS, False)}
     peers = _args(optimum_python=Path("python"), ov_python=Path("python"))
     assert "without LoRA" in bench._skip_reason("optimum", _args(lora_rank=16), cpu)
     assert "DDIM or DPM++ 2M only" in bench._skip_reason("optimum_intel", _args(scheduler="lcm"), cpu)
@@ -160,7 +164,7 @@ def test_int8_and_genai_skips_name_the_cause(bench: ModuleType, fake_bundle_copy
     pytest.importorskip("openvino")
     from tests.fake_bundle import add_ir_file_set
 
-    cpu = {"flags": dict.fromkeys(bench.CPU_FLAGS, False)}
+    cpu = {"flags": dict.fromkeys(FAST_PATH_FLAGS, False)}
     without = _args(bundle=fake_bundle_copy)
     assert "--int8" in bench._skip_reason("runtime_openvino_int8", without, cpu)
     add_ir_file_set(fake_bundle_copy)

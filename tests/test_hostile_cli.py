@@ -260,6 +260,12 @@ BROKEN_MANIFESTS = [
         lambda b: edit_manifest(b, _set("xyz", "models", "clip", "files", "fp32", "sha256")),
         "sha256",
     ),
+    (
+        "int8 fix unknown",
+        lambda b: edit_manifest(b, _set({"scheme": "hybrid", "overflow_fix": "none"}, "export", "int8")),
+        "export.int8.overflow_fix must be one of enable, first_layer_only",
+    ),
+    ("int8 no scheme", lambda b: edit_manifest(b, _set({}, "export", "int8")), "lacks export.int8.scheme"),
     ("tokenizer gone", lambda b: shutil.rmtree(b / "tokenizer"), "the tokenizer directory"),
     ("graph missing", lambda b: (b / "unet.onnx").unlink(), "unet.onnx is missing (manifest.json names it)"),
     (

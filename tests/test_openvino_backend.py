@@ -256,12 +256,12 @@ AVX2_ONLY = frozenset({"sse2", "avx2", "fma"})  # an AMD EPYC of this workplace:
 @pytest.mark.parametrize(
     ("recorded", "flags", "warns"),
     [
-        ({"overflow_fix": "first_layer_only"}, AVX2_ONLY, True),
-        ({}, AVX2_ONLY, True),  # made before the choice was recorded: NNCF's default
-        ({"overflow_fix": "enable"}, AVX2_ONLY, False),
-        ({"overflow_fix": "first_layer_only"}, AVX2_ONLY | {"avx512_vnni"}, False),
-        ({"overflow_fix": "first_layer_only"}, AVX2_ONLY | {"amx_int8"}, False),
-        ({"overflow_fix": "first_layer_only"}, frozenset(), False),  # flags unknown (not Linux)
+        ({"scheme": "hybrid", "overflow_fix": "first_layer_only"}, AVX2_ONLY, True),
+        ({"scheme": "hybrid"}, AVX2_ONLY, True),  # made before the choice was recorded: NNCF's default
+        ({"scheme": "hybrid", "overflow_fix": "enable"}, AVX2_ONLY, False),
+        ({"scheme": "hybrid", "overflow_fix": "first_layer_only"}, AVX2_ONLY | {"avx512_vnni"}, False),
+        ({"scheme": "hybrid", "overflow_fix": "first_layer_only"}, AVX2_ONLY | {"amx_int8"}, False),
+        ({"scheme": "hybrid", "overflow_fix": "first_layer_only"}, frozenset(), False),  # not Linux
     ],
 )
 def test_int8_made_for_vnni_warns_on_a_cpu_without_it(

@@ -4,10 +4,11 @@ emulated and takes many times fp32's)."""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
-from runtime.cpu import cpu_flags
+from runtime.cpu import FAST_PATH_FLAGS, cpu_flags
 
 
 def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
@@ -21,7 +22,11 @@ def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_summary() -> str:
-    """One line for a benchmark's output: the CPU model and its vector / matrix flags."""
-    flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma")))) or "none"
-    return f"CPU: {cpu_model()}; flags: {flags}"
+def cpu_summary(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """One line for a benchmark's output: the CPU model, its cores, and which of the flags that
+    pick a fast path (runtime.cpu.FAST_PATH_FLAGS) it has."""
+    flags = cpu_flags(cpuinfo)
+    have = " ".join(f for f in FAST_PATH_FLAGS if f in flags) or "none of them"
+    return (
+        f"CPU: {cpu_model(cpuinfo)}, {os.cpu_count()} cores; flags: {have} (of {', '.join(FAST_PATH_FLAGS)})"
+    )

@@ -47,7 +47,7 @@ from runtime.backends.loading import (
     writable,
 )
 from runtime.bundle import Bundle
-from runtime.cpu import cpu_flags, int8_dot_instructions
+from runtime.cpu import cpu_flags, int8_dot_instructions, is_x86
 from runtime.lora import WeightSet
 from runtime.lora.variant import LoraGraph, lora_graph
 from runtime.manifest import FileEntry
@@ -82,9 +82,10 @@ def int8_saturation_warning(bundle: Bundle, flags: frozenset[str]) -> str | None
     """Why the bundle's int8 models lose accuracy on a CPU with these flags, or None. Quantized with
     8-bit weights past the first layer (NNCF's default overflow fix, and every bundle made before
     the choice was recorded), their int8 convolutions saturate on an x86 CPU without VNNI or AMX."""
-    record = bundle.manifest.export.get("int8")
-    fix = record.get("overflow_fix", "first_layer_only") if isinstance(record, dict) else None
-    if fix != "first_layer_only" or "sse2" not in flags or int8_dot_instructions(flags):
+    record = bundle.manifest.int8
+    if record is None or record.overflow_fix != "first_layer_only":
+        return None
+    if not is_x86(flags) or int8_dot_instructions(flags):
         return None
     return (
         "this bundle's int8 models keep 8-bit weights (overflow fix first_layer_only), which saturate "
