@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +16,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.bundles import copy_bundle
 from tests.fake_bundle import write_fake_bundle
 
 if TYPE_CHECKING:
     from export.build import ExportOptions
 
 _INTEGRATION_MODULE = "pytestmark = pytest.mark.integration"
-EXPORTED_BUNDLES = ("tiny_bundle", "tiny_inpaint_bundle", "tiny_guidance_bundle")  # integration fixtures
+# integration fixtures
+EXPORTED_BUNDLES = ("tiny_bundle", "tiny_inpaint_bundle", "tiny_guidance_bundle", "tiny_deepcache_bundle")
 
 
 def _unit_run(config: pytest.Config) -> bool:
@@ -95,6 +96,19 @@ def tiny_guidance_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_deepcache_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset with the step-caching UNets (`--deepcache`), fp32 and fp16; exported once like
+    `tiny_bundle` (the step-caching and the int8 tests share it). Do not modify it: copy it."""
+    from export.build import ExportOptions
+
+    return _export_once(
+        tmp_path_factory,
+        "tiny-deepcache-bundle",
+        lambda out: ExportOptions(model="tiny", out=out, precision="both", deepcache=True),
+    )
+
+
 def _export_once(
     tmp_path_factory: pytest.TempPathFactory, name: str, options: Callable[[Path], ExportOptions]
 ) -> Path:
@@ -122,6 +136,4 @@ def fake_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def fake_bundle_copy(fake_bundle: Path, tmp_path: Path) -> Path:
     """A private copy of the fake bundle (no caches, no stamp) that a test may damage."""
-    copy = tmp_path / "bundle"
-    shutil.copytree(fake_bundle, copy, ignore=shutil.ignore_patterns(".ort_cache", ".ov_cache", ".sdrt-*"))
-    return copy
+    return copy_bundle(fake_bundle, tmp_path / "bundle")

@@ -4,6 +4,7 @@ PyTorch reference (export/reference_guidance.py)."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -11,8 +12,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 
 from export.clip_guidance import ClipGuidanceGradient
+from export.compare.cli import main as compare_main
 from export.models import SDComponents, build_preset
 from export.reference import ReferencePipeline
 from export.reference_guidance import clip_guided, second_pass
@@ -180,3 +183,25 @@ def test_cost_tool_reports_guided_against_unguided(
         line,
     )
     assert match and 0 < float(match[1]) < float(match[2]) and float(match[4]) > 0
+
+
+def test_compare_tool_guides_on_both_sides(tiny_guidance_bundle: Path, tmp_path: Path) -> None:
+    """The compare tool's --clip-guidance: each side's guided image, within 2/255 of each other, and
+    CLIP scores side by side. (Here, not in test_compare.py: under pytest-xdist's loadfile, a second
+    file on this bundle would keep a worker waiting for its minutes-long export.)"""
+    out = tmp_path / "out"
+    flags = ["--runs", "1", "--no-bf16", "--cache-intervals", "none", "--clip-guidance", "2000"]
+    flags += ["--clip-guidance-skip", "1"]
+    fast = ["--size", "64x64", "--steps", "3", "--seed", "5", "--prompt", PROMPT, "--negative", NEGATIVE]
+    fast += ["--scheduler", "ddim", "--threads", "2"]
+    code = compare_main(["--bundle", str(tiny_guidance_bundle), "--out", str(out), *flags, *fast])
+    report = json.loads((out / "report.json").read_text())
+    g = report["accuracy"]["clip_guidance"]
+    assert code == 0 and g["scale"] == 2000 and g["skip"] == 1
+    assert g["image"]["max_pixel_diff"] <= 2
+    guided, plain = (np.asarray(Image.open(out / f"runtime{suffix}.png"), int) for suffix in ("-guided", ""))
+    assert np.abs(guided - plain).max() > 10, "guidance did not move the image: proves nothing"
+    for score in (g["clip_score"], g["clip_score_unguided"]):
+        assert 0 <= score["pytorch"] <= 100 and abs(score["runtime"] - score["pytorch"]) < 1
+    assert g["runtime"]["stages"]["clip_guidance"] > 0
+    assert "## CLIP guidance" in (out / "report.md").read_text()

@@ -19,7 +19,6 @@ from onnx.reference import ReferenceEvaluator
 
 import export.reference as reference_module
 from export import deepcache
-from export.build import ExportOptions, export_bundle
 from export.compare.cli import main as compare_main
 from export.compare.metrics import image_metrics
 from export.models import build_preset, load_model
@@ -39,10 +38,8 @@ PROMPT, NEGATIVE = "a photo of a cat", "blurry, dog"
 
 
 @pytest.fixture(scope="module")
-def cache_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("deepcache") / "tiny"
-    export_bundle(ExportOptions(model="tiny", out=out, precision="both", deepcache=True))
-    return out
+def cache_bundle(tiny_deepcache_bundle: Path) -> Path:
+    return tiny_deepcache_bundle
 
 
 @pytest.fixture(scope="module")
