@@ -42,6 +42,7 @@ import numpy as np
 from bench_e2e import cpu_info
 
 from export.compare.cpu import cpu_summary
+from runtime.cpu import int8_dot_instructions
 
 MODEL = "unet"
 OUTPUT = "noise_pred"
@@ -78,6 +79,10 @@ SOURCES = ("ort", "standard")
 #           within one collect_data): NNCF's MEAN_MINMAX for per-tensor activations. On tiny,
 #           held-out cosine 0.992 (conv_in excluded), vs 0.977 with
 #   minmax  the min / max over all calls (ORT's default).
+# Without VNNI/AMX (runtime.cpu.INT8_DOT_FLAGS), the same docstring's advice is reduce_range: 7-bit
+# weights, so AVX2's u8 x s8 pair sums cannot saturate int16 (NNCF's overflow fix, export/int8.py).
+# --reduce-range auto follows the CPU.
+REDUCE_RANGE = ("auto", "on", "off")
 ACTIVATIONS = ("QUInt8", "QInt8")
 WEIGHTS = "QInt8"
 RANGES = {"mean": {"CalibMovingAverage": True}, "minmax": {}}
@@ -112,6 +117,7 @@ class QuantJob:
     variant: str | None = None  # qdq: a VARIANTS name
     activations: str = ACTIVATIONS[0]
     ranges: str = "mean"  # qdq: a RANGES name
+    reduce_range: bool = False  # qdq: 7-bit weights
     output: str | None = None  # qdq: the quantized graph
     calibration_sha256: str = ""  # what it calibrates on (a kept result is reused for the same only)
 
@@ -366,7 +372,7 @@ def quantize_qdq(job: QuantJob) -> QuantCost:
             "quant_format": "QDQ",
             "op_types_to_quantize": list(variant.op_types),
             "per_channel": True,
-            "reduce_range": False,
+            "reduce_range": job.reduce_range,
             "activation_type": job.activations,
             "weight_type": WEIGHTS,
             "calibrate_method": "MinMax",
@@ -382,7 +388,7 @@ def quantize_qdq(job: QuantJob) -> QuantCost:
             quant_format=QuantFormat.QDQ,
             op_types_to_quantize=list(variant.op_types),
             per_channel=True,
-            reduce_range=False,
+            reduce_range=job.reduce_range,
             activation_type=QuantType[job.activations],
             weight_type=QuantType[WEIGHTS],
             nodes_to_exclude=list(kept),
@@ -602,6 +608,8 @@ def main() -> int:
     p.add_argument("--activations", choices=ACTIVATIONS, default=ACTIVATIONS[0],
                    help="QDQ activation type (weights are QInt8)")  # fmt: skip
     p.add_argument("--ranges", choices=RANGES, default="mean", help="QDQ activation ranges (see RANGES)")
+    p.add_argument("--reduce-range", choices=REDUCE_RANGE, default="auto",
+                   help="QDQ 7-bit weights; auto: on without VNNI/AMX (see REDUCE_RANGE)")  # fmt: skip
     p.add_argument("--repeats", type=int, default=5, help="timed calls per engine (interleaved rounds)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per engine after its load")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: all cores)")
@@ -634,6 +642,7 @@ def main() -> int:
 
     cpu = cpu_info()
     print(cpu_summary())
+    reduce_range = args.reduce_range == "on" or (args.reduce_range == "auto" and not int8_dot_instructions())
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="sdrt-int8-tools-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -660,7 +669,7 @@ def main() -> int:
             name, output = ORT_INT8 + variant, work / variant / f"{MODEL}.onnx"
             output.parent.mkdir(exist_ok=True)
             job = QuantJob("qdq", str(args.bundle), str(work), variant, args.activations, args.ranges,
-                           str(output), recorded["sha256"])  # fmt: skip
+                           reduce_range, str(output), recorded["sha256"])  # fmt: skip
             cost = costs[name] = _cost(
                 _spawn("quantize", job, work, f"quantize_{variant}", args.timeout, keep)
             )
