@@ -15,6 +15,7 @@ Text-to-image only; the schedulers are the reference's (every runtime one but TC
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,27 @@ def _alpha_bar(scheduler: Any, t: torch.Tensor) -> float:
     return float(np.interp(float(t), np.arange(len(table)), table))
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """What both passes sample with: `ReferencePipeline.generate`'s settings besides the prompts."""
+
+    steps: int = 20
+    guidance: float = 7.5
+    seed: int = 0
+    height: int = 512
+    width: int = 512
+    scheduler: str = "pndm"
+    latents: torch.Tensor | None = None
+    cfg_convention: str = "1-based"
+
+    def generate(self, ref: ReferencePipeline, prompt: str, negative_prompt: str, output_type: str) -> Any:
+        return ref.generate(
+            prompt, negative_prompt, steps=self.steps, guidance=self.guidance, seed=self.seed,
+            height=self.height, width=self.width, scheduler=self.scheduler, latents=self.latents,
+            cfg_convention=self.cfg_convention, output_type=output_type,
+        )  # fmt: skip
+
+
 @torch.no_grad()
 def clip_guided(
     ref: ReferencePipeline,
@@ -40,25 +62,14 @@ def clip_guided(
     *,
     clip_guidance: float,
     clip_guidance_skip: int = 10,
-    steps: int = 20,
-    guidance: float = 7.5,
-    seed: int = 0,
-    height: int = 512,
-    width: int = 512,
-    scheduler: str = "pndm",
-    latents: torch.Tensor | None = None,
-    cfg_convention: str = "1-based",
+    sampling: Sampling,
 ) -> np.ndarray:
     """Images as float (1, H, W, 3) in [0, 1]; `clip_guidance` 0 is plain CFG (`generate`)."""
-    common: dict[str, Any] = {
-        "steps": steps, "guidance": guidance, "seed": seed, "height": height, "width": width,
-        "scheduler": scheduler, "latents": latents, "cfg_convention": cfg_convention,
-    }  # fmt: skip
     if clip_guidance == 0:
-        images: np.ndarray = ref.generate(prompt, negative_prompt, **common)
+        images: np.ndarray = sampling.generate(ref, prompt, negative_prompt, "np")
         return images
-    x0 = ref.generate(prompt, negative_prompt, output_type="latent", **common)  # pass 1: x̂₀
-    return second_pass(ref, prompt, negative_prompt, x0, clip_guidance, clip_guidance_skip, **common)
+    x0 = sampling.generate(ref, prompt, negative_prompt, "latent")  # pass 1: x̂₀
+    return second_pass(ref, prompt, negative_prompt, x0, clip_guidance, clip_guidance_skip, sampling)
 
 
 @torch.no_grad()
@@ -69,31 +80,24 @@ def second_pass(
     x0: torch.Tensor,
     scale: float,
     skip: int,
-    *,
-    steps: int,
-    guidance: float,
-    seed: int,
-    height: int,
-    width: int,
-    scheduler: str,
-    latents: torch.Tensor | None,
-    cfg_convention: str,
+    sampling: Sampling,
 ) -> np.ndarray:
     """diffusers' StableDiffusionPipeline loop, step for step, with the correction (scale 0: none)."""
     c = ref.components
     if c.vision is None or c.text_projection is None:
         raise ValueError("CLIP guidance needs CLIP's image tower and text projection")
-    sched = diffusers_scheduler(scheduler, c.scheduler_config)
-    sched.set_timesteps(steps)
-    cfg = one_based(guidance, cfg_convention)
+    sched = diffusers_scheduler(sampling.scheduler, c.scheduler_config)
+    sched.set_timesteps(sampling.steps)
+    cfg = one_based(sampling.guidance, sampling.cfg_convention)
     encoded = ref.encode([prompt])
     assert encoded.text_embeds is not None
     states = encoded.last_hidden_state
     if cfg > 1.0:
         states = torch.cat([ref.encode([negative_prompt]).last_hidden_state, states])
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(sampling.seed)
+    height, width = sampling.height, sampling.width
     shape = (1, c.unet.config.in_channels, height // 8, width // 8)  # type: ignore[attr-defined]
-    x = randn_tensor(shape, generator=generator) if latents is None else latents
+    x = randn_tensor(shape, generator=generator) if sampling.latents is None else sampling.latents
     x = x * sched.init_noise_sigma
     gradient = ClipGuidanceGradient(c.vae, c.vision).eval()
     rows, cols = (torch.from_numpy(m) for m in resize_matrices(height, width, c.vision.image_size))

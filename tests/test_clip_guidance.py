@@ -18,7 +18,7 @@ from export.clip_guidance import ClipGuidanceGradient
 from export.compare.cli import main as compare_main
 from export.models import SDComponents, build_preset
 from export.reference import ReferencePipeline
-from export.reference_guidance import clip_guided, second_pass
+from export.reference_guidance import Sampling, clip_guided, second_pass
 from runtime.backends import BackendConfig
 from runtime.clip_guidance import resize_matrices
 from runtime.options import GenerateOptions
@@ -67,11 +67,15 @@ def test_onnx_gradient_matches_autograd(
     assert _cosine(ours, torch_grad) >= min_cos
     if file == "clip_guidance.onnx":
         assert np.abs(ours - torch_grad).max() <= 1e-3 * np.abs(torch_grad).max()
-    # rows are independent: the batch of two is two single-image gradients
+    # rows are independent: the batch of two is two single-image gradients. fp16 kernels round
+    # differently at batch 1 and 2, and between runs (a CI run measured 2.2 % of the largest
+    # gradient); mixing rows would move the gradient by its own size.
     single = session.run(None, {k: v[:1] if k in ("latent", "text_embeds") else v for k, v in feeds.items()})[
         0
     ]
-    np.testing.assert_allclose(single, ours[:1], rtol=0, atol=1e-3 * np.abs(ours).max())
+    relative = 1e-3 if file == "clip_guidance.onnx" else 5e-2
+    np.testing.assert_allclose(single, ours[:1], rtol=0, atol=relative * np.abs(ours).max())
+    assert _cosine(single, ours[:1]) >= 0.9999
 
 
 def _options(**fields: object) -> GenerateOptions:
@@ -101,13 +105,11 @@ def test_reference_scale_zero_is_plain_cfg_bit_for_bit(components: SDComponents)
     latents = torch.from_numpy(_options().latents)  # type: ignore[arg-type]
     common = {"steps": STEPS, "guidance": 7.5, "seed": 3, "height": SIZE, "width": SIZE, "scheduler": "ddim"}
     plain = ref.generate(PROMPT, NEGATIVE, latents=latents, **common)
-    assert np.array_equal(
-        clip_guided(ref, PROMPT, NEGATIVE, clip_guidance=0.0, latents=latents, **common), plain
-    )
+    sampling = Sampling(**common, latents=latents)  # type: ignore[arg-type]
+    assert np.array_equal(clip_guided(ref, PROMPT, NEGATIVE, clip_guidance=0.0, sampling=sampling), plain)
     # the written-out loop of pass 2, with the correction off, is diffusers' own loop
     x0 = torch.zeros(1, 4, SIZE // 8, SIZE // 8)
-    loop = second_pass(ref, PROMPT, NEGATIVE, x0, 0.0, 0, latents=latents, cfg_convention="1-based", **common)
-    assert np.array_equal(loop, plain)
+    assert np.array_equal(second_pass(ref, PROMPT, NEGATIVE, x0, 0.0, 0, sampling), plain)
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "pndm", "euler", "dpmpp_2m"])
@@ -119,10 +121,11 @@ def test_runtime_matches_the_reference_with_guidance(
     ours = pipeline.generate(options).images.astype(int)
     plain = pipeline.generate(_options(scheduler=scheduler)).images.astype(int)
     ref = ReferencePipeline(components)
+    latents = torch.from_numpy(options.latents)  # type: ignore[arg-type]
+    sampling = Sampling(steps=STEPS, seed=3, height=SIZE, width=SIZE, scheduler=scheduler, latents=latents)
     theirs = clip_guided(
-        ref, PROMPT, NEGATIVE, clip_guidance=SCALE, clip_guidance_skip=SKIP, steps=STEPS, seed=3,
-        height=SIZE, width=SIZE, scheduler=scheduler, latents=torch.from_numpy(options.latents),  # type: ignore[arg-type]
-    )  # fmt: skip
+        ref, PROMPT, NEGATIVE, clip_guidance=SCALE, clip_guidance_skip=SKIP, sampling=sampling
+    )
     theirs_u8 = (theirs * 255).round().astype(int)
     assert np.abs(ours - theirs_u8).max() <= 2
     assert np.abs(ours - plain).max() > 10

@@ -30,7 +30,7 @@ from export.compare.metrics import image_metrics, latent_drift, tensor_metrics, 
 from export.compare.settings import COMPONENTS, PRESETS, Settings, UsageError
 from export.compare.thresholds import Check, Thresholds, evaluate
 from export.compare.timing import Stats, peak_rss_bytes, reset_peak_rss, rss_bytes, time_runs
-from export.reference_guidance import clip_guided
+from export.reference_guidance import Sampling, clip_guided
 from runtime.bundle import Bundle
 from runtime.init_image import to_unit
 from runtime.specs import INPAINT_CHANNELS
@@ -451,10 +451,11 @@ def guided_comparison(
         return None
     log(f"PyTorch CLIP guidance {s.clip_guidance:g} (skip {s.clip_guidance_skip})")
     start = time.perf_counter()
+    latents = torch.from_numpy(r.latents)
+    sampling = Sampling(s.steps, s.guidance, s.seed, s.height, s.width, s.scheduler, latents)
     guided = clip_guided(
         ref.reference, s.prompt, s.negative, clip_guidance=s.clip_guidance,
-        clip_guidance_skip=s.clip_guidance_skip, steps=s.steps, guidance=s.guidance, seed=s.seed,
-        height=s.height, width=s.width, scheduler=s.scheduler, latents=torch.from_numpy(r.latents),
+        clip_guidance_skip=s.clip_guidance_skip, sampling=sampling,
     )  # fmt: skip
     pytorch_s = time.perf_counter() - start
     pytorch, ours = to_uint8(guided[0]), got["guided/image"]
