@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--precision",
         choices=PRECISIONS,
         default=None,
-        help="default: the backend's own (onnxruntime, openvino: fp32; tensorrt: fp16); bf16 and int8 "
-        "(the bundle's int8 UNet, `python -m export --int8`): openvino",
+        help="default: the backend's own (onnxruntime, openvino: fp32; tensorrt: fp16); bf16, int8 "
+        "(the bundle's int8 UNet, `python -m export --int8`) and int8-bf16 (both): openvino",
     )
     p.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: all cores)")
     p.add_argument(

@@ -167,11 +167,23 @@ def test_int8_and_genai_skips_name_the_cause(bench: ModuleType, fake_bundle_copy
     cpu = {"flags": dict.fromkeys(FAST_PATH_FLAGS, False)}
     without = _args(bundle=fake_bundle_copy)
     assert "--int8" in bench._skip_reason("runtime_openvino_int8", without, cpu)
+    assert "--int8" in bench._skip_reason("runtime_openvino_int8_bf16_static", without, cpu)
     add_ir_file_set(fake_bundle_copy)
     assert bench._skip_reason("runtime_openvino_int8_static", without, cpu) is None
+    assert "no bf16 instructions" in bench._skip_reason("runtime_openvino_int8_bf16_static", without, cpu)
+    with_bf16 = {"flags": {**cpu["flags"], "avx512_bf16": True}}
+    assert bench._skip_reason("runtime_openvino_int8_bf16_static", without, with_bf16) is None
     dpm = _args(bundle=fake_bundle_copy, ov_python=Path("python"), scheduler="dpmpp_2m")
     assert "DDIM only" in bench._skip_reason("openvino_genai_static", dpm, cpu)
     assert bench._skip_reason("optimum_intel", dpm, cpu) is None
+
+
+def test_runtime_engines_are_valid_backend_configs(bench: ModuleType) -> None:
+    from runtime.backends import BackendConfig
+
+    for engine, (backend, precision, static) in bench.RUNTIME_ENGINES.items():
+        config = BackendConfig(backend, precision=precision, static_shapes=static).validate()
+        assert (engine in bench.INT8_RUNTIMES) == config.precision.startswith("int8"), engine
 
 
 def test_issue_16_targets_compare_the_right_engines(bench: ModuleType) -> None:
@@ -180,6 +192,7 @@ def test_issue_16_targets_compare_the_right_engines(bench: ModuleType) -> None:
         "runtime_openvino_static": {"median_s": 20.0},
         "runtime_openvino_int8": {"median_s": 9.0},
         "runtime_openvino_int8_static": {"median_s": 8.0},
+        "runtime_openvino_int8_bf16_static": {"median_s": 6.0},  # needs bf16: not the issue's int8
         "optimum": {"median_s": 28.0},
         "optimum_intel_static": {"median_s": 21.0},
         "optimum_intel_int8_static": {"median_s": 11.0},
@@ -196,6 +209,7 @@ def test_issue_16_targets_compare_the_right_engines(bench: ModuleType) -> None:
     )
     assert t["fp32_vs_fp32_peer"]["value"] == pytest.approx(20 / 21) and t["fp32_vs_fp32_peer"]["met"]
     assert t["int8_vs_fp32_peer"]["value"] == pytest.approx(8 / 21) and t["int8_vs_fp32_peer"]["met"]
+    assert t["int8_vs_fp32_peer"]["ours"] == "runtime_openvino_int8_static"
     peer_int8 = t["int8_vs_peer_int8"]
     assert peer_int8["value"] == pytest.approx(8 / 11)
     assert not peer_int8["met"]  # faster, but 1 dB further from its exact twin than the peer's int8
@@ -204,6 +218,7 @@ def test_issue_16_targets_compare_the_right_engines(bench: ModuleType) -> None:
     assert (
         cached["cached_vs_optimum"]["value"] == pytest.approx(8 / 28) and cached["cached_vs_optimum"]["met"]
     )
+    assert cached["cached_vs_optimum"]["ours"] == "runtime_openvino_int8_static"
     assert bench._exact_twin("optimum_intel_int8_static") == "optimum_intel_static"
     assert bench._exact_twin("runtime_openvino_int8") == "runtime" and bench._exact_twin("runtime") is None
 

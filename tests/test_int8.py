@@ -19,8 +19,9 @@ pytestmark = pytest.mark.integration
 from export.__main__ import main as export_main  # noqa: E402
 from export.compare.metrics import cosine_rows, image_metrics  # noqa: E402
 from export.int8 import Int8Options, add_int8, overflow_fix_for, record_calibration  # noqa: E402
-from runtime.backends import BackendConfig, open_backend  # noqa: E402
+from runtime.backends import Backend, BackendConfig, open_backend  # noqa: E402
 from runtime.backends.config import bundle_files  # noqa: E402
+from runtime.backends.openvino import OvBackend, cpu_has_bf16  # noqa: E402
 from runtime.bundle import Bundle  # noqa: E402
 from runtime.cpu import cpu_flags, int8_dot_instructions  # noqa: E402
 from runtime.errors import RequestError  # noqa: E402
@@ -90,17 +91,22 @@ def test_calibration_is_deterministic(int8_bundle: Path) -> None:
     assert again.sha256() == recorded["sha256"]
 
 
-def test_unet_and_image_within_the_gates(int8_bundle: Path) -> None:
-    bundle = Bundle.open(int8_bundle)
-    fp32 = open_backend(bundle, BackendConfig("openvino"))
-    int8 = open_backend(bundle, BackendConfig("openvino", precision="int8"))
-    rng = np.random.default_rng(7)  # not a calibration input
+def _unet_feeds(fp32: Backend, seed: int) -> dict[str, np.ndarray]:
+    """One UNet call's inputs from random tokens and latents (not a calibration input)."""
+    rng = np.random.default_rng(seed)
     states = fp32.run("clip", {"input_ids": rng.integers(0, 1000, (2, 77)).astype(np.int32)})
-    feeds = {
+    return {
         "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
         "timestep": np.array([500.0], np.float32),
         "encoder_hidden_states": next(iter(states.values())),
     }
+
+
+def test_unet_and_image_within_the_gates(int8_bundle: Path) -> None:
+    bundle = Bundle.open(int8_bundle)
+    fp32 = open_backend(bundle, BackendConfig("openvino"))
+    int8 = open_backend(bundle, BackendConfig("openvino", precision="int8"))
+    feeds = _unet_feeds(fp32, seed=7)  # not a calibration input
     ours, exact = int8.run("unet", feeds)["noise_pred"], fp32.run("unet", feeds)["noise_pred"]
     assert cosine_rows(ours, exact).min() >= MIN_UNET_COSINE  # each CFG row
     for scheduler, interval in (("ddim", 1), ("dpmpp_2m", 1), ("dpmpp_2m", 3)):
@@ -110,6 +116,32 @@ def test_unet_and_image_within_the_gates(int8_bundle: Path) -> None:
         exact = Pipeline(bundle, fp32).generate(options).images
         quantized = Pipeline(bundle, int8).generate(options).images
         assert image_metrics(quantized[0], exact[0])["psnr_db"] >= MIN_PSNR_DB, (scheduler, interval)
+
+
+@pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no bf16 instructions")
+def test_int8_composes_with_bf16_within_the_gates(int8_bundle: Path) -> None:
+    """int8-bf16: the int8 UNets with their unquantized ops in bf16, the VAE in bf16, CLIP in fp32;
+    still within the int8 gates against the exact fp32 path, with and without step caching."""
+    bundle = Bundle.open(int8_bundle)
+    fp32 = open_backend(bundle, BackendConfig("openvino"))
+    int8 = open_backend(bundle, BackendConfig("openvino", precision="int8"))
+    both = open_backend(bundle, BackendConfig("openvino", precision="int8-bf16"))
+    assert isinstance(both, OvBackend)
+    compiled = {m: (both._model_precision(m), both._compile_config(m)["INFERENCE_PRECISION_HINT"]) for m in
+                ("unet", "unet_deepcache_shallow", "vae_decoder", "clip")}  # fmt: skip
+    assert compiled == {"unet": ("int8", "bf16"), "unet_deepcache_shallow": ("int8", "bf16"),
+                        "vae_decoder": ("bf16", "bf16"), "clip": ("fp32", "f32")}  # fmt: skip
+    feeds = _unet_feeds(fp32, seed=8)
+    ours, exact = both.run("unet", feeds)["noise_pred"], fp32.run("unet", feeds)["noise_pred"]
+    assert not np.array_equal(ours, int8.run("unet", feeds)["noise_pred"])  # bf16 did compute
+    assert cosine_rows(ours, exact).min() >= MIN_UNET_COSINE
+    for scheduler, interval in (("ddim", 1), ("dpmpp_2m", 3)):
+        options = GenerateOptions(
+            ("a red fox in the snow",), steps=10, scheduler=scheduler, seed=3, cache_interval=interval
+        )
+        exact_image = Pipeline(bundle, fp32).generate(options).images[0]
+        composed = Pipeline(bundle, both).generate(options).images[0]
+        assert image_metrics(composed, exact_image)["psnr_db"] >= MIN_PSNR_DB, (scheduler, interval)
 
 
 def test_reused_when_unchanged(int8_bundle: Path, tmp_path: Path) -> None:

@@ -191,10 +191,13 @@ def test_backend_runs_and_releases_weights(bundle_copy: Path) -> None:
 
 def test_errors_name_the_parameter(fake_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bundle = Bundle.open(fake_bundle)
-    with pytest.raises(RequestError, match="must be fp32 or bf16 or int8 for backend openvino; got 'fp16'"):
+    with pytest.raises(
+        RequestError, match="must be fp32 or bf16 or int8 or int8-bf16 for backend openvino; got 'fp16'"
+    ):
         OvBackend(bundle, BackendConfig("openvino", precision="fp16"))
-    with pytest.raises(RequestError, match="bf16 needs backend openvino"):
-        open_backend(bundle, BackendConfig(precision="bf16"))
+    for precision in ("bf16", "int8", "int8-bf16"):
+        with pytest.raises(RequestError, match=f"got '{precision}'; {precision} needs backend openvino"):
+            open_backend(bundle, BackendConfig(precision=precision))
     with pytest.raises(RequestError, match="device must be cpu for backend openvino; got 'cuda'"):
         open_backend(bundle, BackendConfig("openvino", device="cuda"))
     with pytest.raises(BackendError, match="a onnxruntime config cannot open the openvino backend"):
@@ -203,6 +206,12 @@ def test_errors_name_the_parameter(fake_bundle: Path, monkeypatch: pytest.Monkey
         patch.setattr("runtime.backends.openvino.cpu_has_bf16", lambda: False)
         with pytest.raises(BackendError, match="precision bf16 needs a CPU with bf16 instructions"):
             OvBackend(bundle, BF16)
+        with pytest.raises(BackendError, match="int8-bf16 needs a CPU with bf16 .* use precision int8$"):
+            OvBackend(bundle, BackendConfig("openvino", precision="int8-bf16"))
+        patch.setattr("runtime.backends.openvino.cpu_has_bf16", lambda: True)  # a bundle without int8
+        missing_int8 = r"^precision int8-bf16 runs the bundle's int8 files: .*--int8`\)$"
+        with pytest.raises(RequestError, match=missing_int8):
+            OvBackend(bundle, BackendConfig("openvino", precision="int8-bf16"))
     backend = OvBackend(bundle, FP32)
     with pytest.raises(BackendError, match="has no nonexistent model"):
         backend.prepare(["nonexistent"])

@@ -119,7 +119,8 @@ def parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         help="what the runtime runs (default: fp32 on onnxruntime and openvino, fp16 on tensorrt); "
-        "bf16: the fp32 files computed in bf16, openvino only; int8: the bundle's int8 UNet, openvino only",
+        "bf16: the fp32 files computed in bf16, openvino only; int8: the bundle's int8 UNet, openvino only; "
+        "int8-bf16: both",
     )
     p.add_argument(
         "--size", type=size_argument, help="WIDTHxHEIGHT in pixels (default: the bundle's preferred size)"

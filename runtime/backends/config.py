@@ -16,12 +16,16 @@ from runtime.errors import RequestError
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 # fp32 / fp16: which of the bundle's files runs. bf16: the fp32 files, computed in bf16 (openvino).
 # int8: the bundle's post-training-quantized models (`python -m export --int8`), the rest fp32 (openvino).
-PRECISIONS = ("fp32", "fp16", "bf16", "int8")
+# int8-bf16: the same int8 models with their unquantized ops in bf16, the rest as bf16 (openvino, a
+# CPU with bf16 instructions): int8 and bf16 composed.
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "int8-bf16")
+INT8_PRECISIONS = ("int8", "int8-bf16")  # run the bundle's int8 files
+BF16_PRECISIONS = ("bf16", "int8-bf16")  # compute in bf16: need bf16 instructions
 # Per backend: the devices it runs on (first = default) and the precisions (first = default).
 DEVICES = {"onnxruntime": ("cpu", "cuda", "tensorrt"), "openvino": ("cpu",), "tensorrt": ("cuda",)}
 BACKEND_PRECISIONS = {
     "onnxruntime": ("fp32", "fp16"),
-    "openvino": ("fp32", "bf16", "int8"),
+    "openvino": ("fp32", "bf16", "int8", "int8-bf16"),
     "tensorrt": ("fp16",),
 }
 # Settings that mean something to one backend only.
@@ -34,16 +38,20 @@ INT8_REQUIRED = "unet"
 
 def bundle_files(precision: str, model: str, bundle: Bundle) -> str:
     """Which of a bundle's file sets a precision runs `model` from: bf16 computes from the fp32
-    files; int8 runs the int8 files where the bundle has them (export --int8 lists which), else fp32."""
-    if precision == "bf16" or (precision == "int8" and "int8" not in bundle.models[model].files):
-        return "fp32"
-    return precision
+    files; int8 (and int8-bf16) runs the int8 files where the bundle has them (export --int8 lists
+    which), else fp32."""
+    if precision in INT8_PRECISIONS:
+        return "int8" if "int8" in bundle.models[model].files else "fp32"
+    return "fp32" if precision == "bf16" else precision
 
 
 def check_bundle_precision(bundle: Bundle, precision: str) -> None:
     """Fail now, not mid-generation, if the bundle lacks the files a precision runs."""
-    if precision == "int8":
-        bundle.graph(INT8_REQUIRED, "int8")
+    if precision in INT8_PRECISIONS:
+        try:
+            bundle.graph(INT8_REQUIRED, "int8")
+        except RequestError as exc:  # name what was asked for, not only the missing file set
+            raise RequestError(f"precision {precision} runs the bundle's int8 files: {exc}") from exc
     for model in bundle.models:
         bundle.graph(model, bundle_files(precision, model, bundle))
 
@@ -74,7 +82,8 @@ class BackendConfig:
                 f"device must be {' or '.join(devices)} for backend {self.backend}; got {device!r}"
             )
         if precision not in precisions:
-            hint = f"; {precision} needs backend openvino" if precision in ("bf16", "int8") else ""
+            openvino_only = precision in BF16_PRECISIONS + INT8_PRECISIONS
+            hint = f"; {precision} needs backend openvino" if openvino_only else ""
             raise RequestError(
                 f"precision must be {' or '.join(precisions)} for backend {self.backend}; "
                 f"got {precision!r}{hint}"

@@ -7,6 +7,8 @@ CLIP and the deprojector stay fp32, since their errors would reach every later s
 the time. "fp32" matches ONNX Runtime to float rounding. "int8" runs the bundle's int8 models
 (OpenVINO IR written by `python -m export --int8`, see export/int8.py: the UNet, and as exported the
 step-caching pair and the VAE decoder) with their remaining ops in fp32, and every other model in fp32.
+"int8-bf16" composes the two on a bf16 CPU: the same int8 models with their remaining ops in bf16, the
+models without int8 files as "bf16" runs them (README "int8 and bf16 together").
 
 Each ONNX graph is converted once to OpenVINO IR and cached beside the bundle (`.ov_cache/`), keyed
 by model, precision, OpenVINO version and the source's sha256. OpenVINO memory-maps an IR's
@@ -32,7 +34,13 @@ from typing import Any
 import numpy as np
 
 from runtime.backends.base import BackendError
-from runtime.backends.config import BackendConfig, bundle_files, check_bundle_precision
+from runtime.backends.config import (
+    BF16_PRECISIONS,
+    INT8_PRECISIONS,
+    BackendConfig,
+    bundle_files,
+    check_bundle_precision,
+)
 from runtime.backends.loading import (
     BackgroundLoads,
     ShapeCache,
@@ -57,7 +65,6 @@ log = logging.getLogger(__name__)
 
 # Where the time goes (the UNet and its step-caching halves, the VAE); the rest stays fp32.
 BF16_MODELS = frozenset({"unet", DEEPCACHE_FULL, DEEPCACHE_SHALLOW, "vae_encoder", "vae_decoder"})
-_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: the ops left unquantized in fp32
 # One conversion at a time: each holds a whole fp32 graph in memory (3.4 GB for the SD 1.5 UNet),
 # and convert_model sets the root logger's level (restoring it only when it succeeds), which two at
 # once would garble.
@@ -103,13 +110,14 @@ class OvBackend:
         assert config.precision is not None
         precision = config.precision
         ov = _openvino()
-        if precision == "bf16" and not cpu_has_bf16():
+        if precision in BF16_PRECISIONS and not cpu_has_bf16():
+            instead = "int8" if precision in INT8_PRECISIONS else "fp32"
             raise BackendError(
-                "precision bf16 needs a CPU with bf16 instructions (AVX512_BF16 or AMX), which this one "
-                "lacks; use precision fp32"
+                f"precision {precision} needs a CPU with bf16 instructions (AVX512_BF16 or AMX), which "
+                f"this one lacks; use precision {instead}"
             )
         check_bundle_precision(bundle, precision)  # fail now, not mid-generation
-        if precision == "int8" and (warning := int8_saturation_warning(bundle, cpu_flags())):
+        if precision in INT8_PRECISIONS and (warning := int8_saturation_warning(bundle, cpu_flags())):
             log.warning("%s", warning)
         self.bundle, self.config, self.precision = bundle, config, precision
         self.threads, self.cache_ir = config.threads, config.cache_graphs
@@ -129,10 +137,14 @@ class OvBackend:
         self._lora = BackgroundLoads(bundle, self._compile_lora, self._load_path)
         self._lora_requests = threading.local()  # per thread: model -> InferRequest of its LoRA graph
 
+    def _in_bf16(self, model: str) -> bool:
+        """Whether the model computes in bf16 (its int8 ops stay int8): CLIP and the deprojector never."""
+        return self.precision in BF16_PRECISIONS and model in BF16_MODELS
+
     def _model_precision(self, model: str) -> str:
-        if self.precision == "bf16":
-            return "bf16" if model in BF16_MODELS else "fp32"
-        return bundle_files(self.precision, model, self.bundle)
+        """Which variant of the model is compiled (also the IR cache's key): int8, bf16 or fp32."""
+        files = bundle_files(self.precision, model, self.bundle)
+        return "bf16" if files == "fp32" and self._in_bf16(model) else files
 
     def _source(self, model: str) -> FileEntry:
         """The standard fp32 graph (OpenVINO fuses attention itself), or the bundle's int8 IR."""
@@ -188,7 +200,7 @@ class OvBackend:
 
     def _compile_config(self, model: str) -> dict[str, Any]:
         config: dict[str, Any] = {
-            "INFERENCE_PRECISION_HINT": _HINT[self._model_precision(model)],
+            "INFERENCE_PRECISION_HINT": "bf16" if self._in_bf16(model) else "f32",
             "PERFORMANCE_HINT": "LATENCY",
             # Pinning would put the threads of every process on the same first cores: replicas
             # sharing a host (Ray Serve, several workers) would then share one core each.
