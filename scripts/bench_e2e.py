@@ -59,6 +59,7 @@ from bench_peers import PEERS, timed_runs
 
 from export.compare.cpu import cpu_model, cpu_summary
 from export.init_images import init_image
+from runtime.backends.config import BF16_PRECISIONS, INT8_PRECISIONS
 from runtime.cli import size_argument
 from runtime.cpu import BF16_FLAGS, FAST_PATH_FLAGS, cpu_flags
 
@@ -76,9 +77,9 @@ RUNTIME_ENGINES = {
     "runtime_openvino_int8_bf16_static": ("openvino", "int8-bf16", True),
 }
 FP32_RUNTIMES = tuple(e for e, (_, precision, _) in RUNTIME_ENGINES.items() if precision == "fp32")
-INT8_RUNTIMES = tuple(e for e, (_, precision, _) in RUNTIME_ENGINES.items() if precision.startswith("int8"))
+INT8_RUNTIMES = tuple(e for e, (_, precision, _) in RUNTIME_ENGINES.items() if precision in INT8_PRECISIONS)
 # Issue #16's targets are for a CPU without bf16: judged on the engines that compute no bf16.
-NO_BF16_RUNTIMES = tuple(e for e, (_, precision, _) in RUNTIME_ENGINES.items() if "bf16" not in precision)
+NO_BF16_RUNTIMES = tuple(e for e, (_, p, _) in RUNTIME_ENGINES.items() if p not in BF16_PRECISIONS)
 NO_BF16_INT8_RUNTIMES = tuple(e for e in INT8_RUNTIMES if e in NO_BF16_RUNTIMES)
 ENGINES = (*RUNTIME_ENGINES, "diffusers_fp32", "diffusers_bf16", *PEERS)
 OV_PEERS = tuple(p for p in PEERS if p != "optimum")  # run from --ov-python on --ov-model
@@ -418,11 +419,6 @@ def _write_report(path: Path, report: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _fastest_runtime(results: dict[str, Any]) -> str | None:
-    ran = [e for e in RUNTIME_ENGINES if "median_s" in results.get(e, {})]
-    return min(ran, key=lambda e: results[e]["median_s"]) if ran else None
-
-
 def _print_table(results: dict[str, Any], ours: str | None) -> None:
     base = results[ours]["median_s"] if ours else None
     columns = ("median s", "p95 s", "first img s", "peak GiB", "cpu/wall", f"vs {ours or '-'}")
@@ -637,7 +633,7 @@ def main() -> int:
         results.update(run_interleaved(in_turns, args.repeats, args.timeout))
         results = {engine: results[engine] for engine in engines}
 
-    ours = args.ours or _fastest_runtime(results)
+    ours = args.ours or _fastest(results, tuple(RUNTIME_ENGINES))
     _print_table(results, ours)
     for engine, r in results.items():
         for kind, cost in r.get("lora_switch", {}).items():

@@ -183,7 +183,8 @@ def test_runtime_engines_are_valid_backend_configs(bench: ModuleType) -> None:
 
     for engine, (backend, precision, static) in bench.RUNTIME_ENGINES.items():
         config = BackendConfig(backend, precision=precision, static_shapes=static).validate()
-        assert (engine in bench.INT8_RUNTIMES) == config.precision.startswith("int8"), engine
+        assert (engine in bench.INT8_RUNTIMES) == ("int8" in config.precision), engine
+        assert (engine in bench.NO_BF16_RUNTIMES) == ("bf16" not in config.precision), engine
 
 
 def test_issue_16_targets_compare_the_right_engines(bench: ModuleType) -> None:

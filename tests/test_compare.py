@@ -16,7 +16,7 @@ from export.compare.cli import main
 from export.models import build_preset
 from export.onnx_export import ClipWrapper
 from export.reference import ReferencePipeline
-from runtime.backends import BackendConfig, open_backend
+from runtime.backends import PRECISIONS, BackendConfig, open_backend
 from runtime.bundle import Bundle
 from runtime.options import GenerateOptions
 from runtime.pipeline import Pipeline
@@ -363,3 +363,11 @@ def test_clip_guidance_needs_the_gradient_graph(tiny_bundle, tmp_path, caplog, c
     assert code == 2
     printed = capsys.readouterr().err + caplog.text
     assert "--clip-guidance: clip_guidance needs the clip_guidance graph" in printed
+
+
+def test_every_precision_has_its_gates() -> None:
+    """--precision accepts PRECISIONS; each needs default gates, or the tool fails after its runs."""
+    from export.compare.thresholds import DEFAULTS
+
+    assert set(DEFAULTS) == set(PRECISIONS)
+    assert DEFAULTS["int8-bf16"] == DEFAULTS["int8"]
